@@ -1,0 +1,507 @@
+"""Tables on storage: finding and describing them, reading a row range, and turning columns into arrays.
+
+This module owns everything between a data path and numpy arrays: the file format, the
+`TableSource` that describes a table without loading it, reading rows [start, stop) straight
+from storage (Parquet row groups, Feather record batches, a streamed CSV), column selection,
+label encoding, the partial sums behind standardisation, shard row ranges and the seeded
+validation split. Synthetic sets live in `distbp.datasets` (re-exported here).
+
+The driver only ever calls `open_source` (metadata) and the pure helpers; each worker calls
+`TableSource.read_rows` for its own range. No ray, no click: numpy and pyarrow only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from distbp.datasets import KINDS, make_dataset  # noqa: F401  (re-exported)
+from distbp.errors import DataError
+
+FORMATS = ("parquet", "csv", "feather")
+EXTENSIONS = {
+    ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv", ".csv.gz": "csv", ".csv.bz2": "csv", ".csv.zst": "csv",
+    ".feather": "feather", ".arrow": "feather", ".ipc": "feather",
+}
+CSV_BLOCK_BYTES = 4 << 20  # column types are inferred from the first block of a CSV file
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_GLOB = re.compile(r"[*?\[]")
+
+
+# ---------------------------------------------------------------- paths and formats
+
+def _is_uri(path: str) -> bool:
+    return bool(_URI.match(path))
+
+
+def _local(path: str) -> str:
+    """A file:// URI as a plain local path (for writing atomically)."""
+    if path.startswith("file://"):
+        return unquote(urlparse(path).path)
+    return path
+
+
+def _format_of(name: str) -> str | None:
+    lower = (name.split("?", 1)[0] if _is_uri(name) else name).lower()
+    for ext in sorted(EXTENSIONS, key=len, reverse=True):
+        if lower.endswith(ext):
+            return EXTENSIONS[ext]
+    return None
+
+
+def _hidden(name: str) -> bool:
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    return base.startswith((".", "_"))  # temporary files, _SUCCESS, _metadata
+
+
+def _list_files(path: str) -> list[str]:
+    """Every file `path` names, sorted by name: itself, a folder's files, or glob matches.
+    Local paths come back absolute; URIs (file:// included) come back as URIs."""
+    if not _is_uri(path):
+        if _GLOB.search(path) and not os.path.exists(path):
+            files = sorted(p for p in glob.glob(path) if os.path.isfile(p) and not _hidden(p))
+            if not files:
+                raise DataError(f"data.path: no files match {path}")
+            return [os.path.abspath(p) for p in files]
+        if os.path.isdir(path):
+            files = sorted(e.path for e in os.scandir(path) if e.is_file() and not _hidden(e.name))
+            if not files:
+                raise DataError(f"data.path: folder {path} holds no data files")
+            return [os.path.abspath(p) for p in files]
+        if not os.path.exists(path):
+            raise DataError(f"data.path: {path} does not exist")
+        return [os.path.abspath(path)]
+    try:
+        fs, root = pafs.FileSystem.from_uri(path)
+        base, _, query = path.partition("?")  # keep options such as ?region= on every file
+        prefix = base[: len(base) - len(root)] if base.endswith(root) else base.split("://")[0] + "://"
+        suffix = f"?{query}" if query else ""
+        if _GLOB.search(root):  # a glob in the last component only
+            folder, pattern = root.rsplit("/", 1)
+            infos = fs.get_file_info(pafs.FileSelector(folder))
+            names = [i.path for i in infos if i.type == pafs.FileType.File
+                     and fnmatch.fnmatch(i.base_name, pattern)]
+        else:
+            info = fs.get_file_info(root)
+            if info.type == pafs.FileType.NotFound:
+                raise DataError(f"data.path: {path} does not exist")
+            if info.type == pafs.FileType.File:
+                return [path]
+            names = [i.path for i in fs.get_file_info(pafs.FileSelector(root))
+                     if i.type == pafs.FileType.File]
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"data.path: cannot list {path}: {_first_line(err)}") from None
+    files = sorted(prefix + n + suffix for n in names if not _hidden(n))
+    if not files:
+        raise DataError(f"data.path: no data files at {path}")
+    return files
+
+
+def resolve_format(path: str, format: str = "auto") -> str:
+    """'parquet', 'csv' or 'feather': `format` itself, or guessed from the file extension(s)."""
+    if format != "auto":
+        if format not in FORMATS:
+            raise DataError(f"data.format: unknown format {format!r}", "use auto, parquet, csv or feather")
+        return format
+    guess = _format_of(path)
+    if guess:
+        return guess
+    found = {f for f in map(_format_of, _list_files(path)) if f}
+    if len(found) == 1:
+        return found.pop()
+    why = "it holds several formats" if found else "no .parquet, .csv or .feather extension"
+    raise DataError(f"data.path: cannot tell the format of {path}: {why}", "set data.format")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    line = "".join(ch for ch in lines[0] if ch.isprintable()) if lines else ""
+    return line.rstrip(": ") or type(err).__name__
+
+
+def _cannot_read(file: str, format: str, err: BaseException) -> DataError:
+    reason = _first_line(err)
+    hint = None
+    if format == "csv" and "conversion error" in reason:
+        hint = "CSV column types are guessed from the first rows; convert the file to Parquet"
+    return DataError(f"data.path: cannot read {file} as {format}: {reason}", hint)
+
+
+def _open_random(file: str):
+    """A random-access pyarrow file; local files are memory-mapped."""
+    if _is_uri(file):
+        fs, inner = pafs.FileSystem.from_uri(file)  # credentials from the environment
+        return fs.open_input_file(inner)
+    return pa.memory_map(file)
+
+
+def _open_stream(file: str):
+    """A sequential pyarrow stream, decompressing .gz/.bz2/.zst by extension."""
+    if _is_uri(file):
+        fs, inner = pafs.FileSystem.from_uri(file)
+        return fs.open_input_stream(inner, compression="detect")
+    return pa.input_stream(file, compression="detect")
+
+
+def _csv_reader(stream, schema: pa.Schema | None, columns: list[str] | None = None):
+    convert = pacsv.ConvertOptions(
+        column_types=dict(zip(schema.names, schema.types)) if schema else None,
+        include_columns=columns)
+    return pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                          convert_options=convert)
+
+
+# ---------------------------------------------------------------- the table source
+
+@dataclass(frozen=True)
+class TableSource:
+    """A table spread over one or more files, described by metadata only. Picklable; holds no
+    open files or filesystems, so it can travel to Ray workers. Build it with `open_source`."""
+
+    path: str                                   # what the user wrote, for messages
+    format: str                                 # parquet | csv | feather
+    files: tuple[str, ...]                      # local absolute paths or URIs, in table order
+    file_rows: tuple[int, ...]                  # rows in each file
+    schema: pa.Schema                           # unified over the files, no metadata
+    batch_rows: tuple[tuple[int, ...], ...] = ()  # Feather: rows per record batch, per file
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.file_rows)
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names)
+
+    def read_rows(self, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        """Rows [start, stop) of the files laid end to end, reading only the files, Parquet
+        row groups and Feather batches that overlap; a CSV file is streamed up to `stop`."""
+        if not 0 <= start <= stop <= self.num_rows:
+            raise ValueError(f"rows [{start}, {stop}) outside [0, {self.num_rows})")
+        columns = self.columns if columns is None else list(columns)
+        missing = [c for c in columns if c not in self.schema.names]
+        if missing:
+            raise DataError(f"data.features: column {missing[0]!r} not found in {self.path}")
+        target = pa.schema([self.schema.field(c) for c in columns])
+        pieces = []
+        first = 0  # global index of this file's first row
+        for i, (file, rows) in enumerate(zip(self.files, self.file_rows)):
+            lo, hi = max(start, first) - first, min(stop, first + rows) - first
+            first += rows
+            if lo >= hi:
+                continue
+            try:
+                piece = self._read_file(i, lo, hi, columns)
+                pieces.append(piece.select(columns).cast(target))
+            except (pa.ArrowException, OSError) as err:
+                raise _cannot_read(file, self.format, err) from None
+        if not pieces:
+            return target.empty_table()
+        return pa.concat_tables(pieces)
+
+    def _read_file(self, i: int, lo: int, hi: int, columns: list[str]) -> pa.Table:
+        """Rows [lo, hi) of file i."""
+        file = self.files[i]
+        if self.format == "parquet":
+            with _open_random(file) as f:
+                parquet = pq.ParquetFile(f)
+                meta = parquet.metadata
+                groups, skip = _overlapping([meta.row_group(g).num_rows
+                                             for g in range(meta.num_row_groups)], lo, hi)
+                table = parquet.read_row_groups(groups, columns=columns)
+            return table.slice(skip, hi - lo)
+        if self.format == "feather":
+            with _open_random(file) as f:
+                reader = ipc.open_file(f)
+                batches, skip = _overlapping(self.batch_rows[i], lo, hi)
+                table = pa.Table.from_batches([reader.get_batch(b) for b in batches], reader.schema)
+            return table.slice(skip, hi - lo)
+        pieces, seen = [], 0
+        with _open_stream(file) as f:
+            for batch in _csv_reader(f, self.schema, columns):
+                if seen + batch.num_rows > lo:  # whole batches before lo are skipped
+                    pieces.append(batch.slice(max(lo - seen, 0), hi - max(lo, seen)))
+                seen += batch.num_rows
+                if seen >= hi:
+                    break
+        return pa.Table.from_batches(pieces, pa.schema([self.schema.field(c) for c in columns]))
+
+
+def _overlapping(sizes, lo: int, hi: int) -> tuple[list[int], int]:
+    """Indices of the consecutive blocks of `sizes` that overlap rows [lo, hi), and how many
+    rows of the first of them lie before lo."""
+    picked, skip, first = [], 0, 0
+    for b, size in enumerate(sizes):
+        if first < hi and first + size > lo:
+            if not picked:
+                skip = lo - first
+            picked.append(b)
+        first += size
+    return picked, skip
+
+
+def _describe(file: str, format: str) -> tuple[pa.Schema, int, tuple[int, ...]]:
+    """(schema, rows, rows per Feather batch) of one file, from metadata where the format has it."""
+    try:
+        if format == "parquet":
+            with _open_random(file) as f:
+                pf = pq.ParquetFile(f)
+                return pf.schema_arrow, pf.metadata.num_rows, ()
+        if format == "feather":
+            with _open_random(file) as f:
+                reader = ipc.open_file(f)
+                sizes = tuple(reader.get_batch(b).num_rows for b in range(reader.num_record_batches))
+                return reader.schema, sum(sizes), sizes
+        rows = 0
+        with _open_stream(file) as f:  # bounded memory: one block at a time
+            reader = _csv_reader(f, None)
+            for batch in reader:
+                rows += batch.num_rows
+            return reader.schema, rows, ()
+    except (pa.ArrowException, OSError) as err:
+        raise _cannot_read(file, format, err) from None
+
+
+def open_source(path: str, format: str = "auto") -> TableSource:
+    """Describe the table at `path` (a file, folder, glob or pyarrow.fs URI) without loading it.
+
+    Files are taken in name order. Their schemas must have the same columns; types are
+    unified (int64 with double gives double). Raises DataError for missing, empty,
+    unreadable or mismatched files."""
+    path = str(path)
+    format = resolve_format(path, format)
+    files = _list_files(path)
+    files = [f for f in files if _format_of(f) == format] or files  # else: format was set explicitly
+    schemas, rows, batches = zip(*(_describe(f, format) for f in files))
+    names = sorted(schemas[0].names)
+    for file, schema in zip(files, schemas):
+        if sorted(schema.names) != names:
+            raise DataError(f"data.path: {file} has columns {schema.names}, "
+                            f"but {files[0]} has {schemas[0].names}")
+    try:
+        schema = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"data.path: the files of {path} disagree on column types: {_first_line(err)}") from None
+    if sum(rows) == 0:
+        raise DataError(f"data.path: {path} holds no rows")
+    return TableSource(path, format, tuple(files), tuple(rows), schema,
+                       tuple(batches) if format == "feather" else ())
+
+
+def write_table(table: pa.Table, path: str, row_group_size: int = 65536) -> None:
+    """Write `table` as Parquet, CSV or Feather by the extension of `path`, atomically: a
+    temporary file in the same folder, then a rename. A URI is written with one upload."""
+    path = _local(str(path))
+    format = _format_of(path)
+    if format is None or path.lower().endswith((".gz", ".bz2", ".zst")):
+        raise DataError(f"cannot write {path}: unknown extension", "use .parquet, .csv or .feather")
+
+    def write(sink) -> None:
+        if format == "parquet":
+            pq.write_table(table, sink, row_group_size=row_group_size)
+        elif format == "feather":
+            with ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table, max_chunksize=row_group_size)
+        else:
+            pacsv.write_csv(table, sink)
+
+    if _is_uri(path):
+        fs, inner = pafs.FileSystem.from_uri(path)
+        with fs.open_output_stream(inner) as sink:
+            write(sink)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with open(fd, "wb") as f:
+            write(pa.PythonFile(f, mode="w"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------- shards and validation
+
+def shard_ranges(n: int, k: int) -> list[tuple[int, int]]:
+    """k contiguous ranges that cover [0, n) once; the first n % k ranges hold one extra row."""
+    if k < 1 or n < 0:
+        raise ValueError(f"shard_ranges needs k >= 1 and n >= 0, got n={n}, k={k}")
+    if k > n:
+        raise DataError(f"more workers ({k}) than rows ({n}) to share among them",
+                        "lower cluster.workers")
+    size, extra = divmod(n, k)
+    bounds = [r * size + min(r, extra) for r in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic is intended)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def validation_mask(start: int, stop: int, fraction: float, seed: int, chunk: int = 1 << 20) -> np.ndarray:
+    """(stop - start,) bool: True where global row i is held out. A pure function of
+    (seed, i), so it does not depend on how the rows are sharded."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"validation fraction must lie in [0, 1], got {fraction}")
+    key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    out = np.empty(stop - start, dtype=bool)
+    for lo in range(start, stop, chunk):
+        i = np.arange(lo, min(lo + chunk, stop), dtype=np.uint64)
+        u = (_splitmix64(key + (i + np.uint64(1)) * _GAMMA) >> np.uint64(11)) * 2.0**-53  # [0, 1)
+        out[lo - start: lo - start + len(i)] = u < fraction
+    return out
+
+
+# ---------------------------------------------------------------- columns
+
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+def _label_type_ok(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t) \
+        or pa.types.is_boolean(t)
+
+
+def select_columns(source_or_schema, features: list[str] | None, labels, task: str):
+    """(feature_names, label_names) after checking they exist and have usable types.
+    `features=None` takes every column except the label(s)."""
+    if isinstance(source_or_schema, TableSource):
+        schema, where = source_or_schema.schema, source_or_schema.path
+    else:
+        schema, where = source_or_schema, "the data"
+    labels = [labels] if isinstance(labels, str) else list(labels)
+    available = ", ".join(schema.names)
+    if task == "classification" and len(labels) != 1:
+        raise DataError(f"data.label: classification takes one label column, got {labels}")
+    for name in labels:
+        if name not in schema.names:
+            raise DataError(f"data.label: column {name!r} not found in {where} (columns: {available})")
+        kind = schema.field(name).type
+        if task == "regression" and not _numeric(kind):
+            raise DataError(f"data.label: regression target {name!r} in {where} is {kind}, not numeric")
+        if task == "classification" and not _label_type_ok(kind):
+            raise DataError(f"data.label: label column {name!r} in {where} is {kind}",
+                            "class labels must be integers or strings; use task: regression for numbers")
+    if features is None:
+        features = [c for c in schema.names if c not in labels]
+        if not features:
+            raise DataError(f"data.features: {where} has no columns besides the label(s)")
+    for name in features:
+        if name in labels:
+            raise DataError(f"data.features: column {name!r} is a label and cannot be a feature too")
+        if name not in schema.names:
+            raise DataError(f"data.features: column {name!r} not found in {where} (columns: {available})")
+        kind = schema.field(name).type
+        if not _numeric(kind):
+            raise DataError(f"data.features: column {name!r} in {where} is {kind}, not numeric",
+                            "list only numeric columns in data.features")
+    return list(features), labels
+
+
+def features_to_numpy(table: pa.Table, feature_names: list[str], dtype=np.float32) -> np.ndarray:
+    """(rows, n_features) C-contiguous array of the named columns; nulls become NaN."""
+    dtype = np.dtype(dtype)
+    out = np.empty((table.num_rows, len(feature_names)), dtype=dtype)
+    arrow_type = pa.from_numpy_dtype(dtype)
+    for j, name in enumerate(feature_names):
+        column = table.column(name).cast(arrow_type, safe=False)  # int64 -> float32 may round
+        out[:, j] = column.to_numpy()  # a ChunkedArray's nulls become NaN for float types
+    return out
+
+
+def targets_to_numpy(table: pa.Table, label_names: list[str], dtype=np.float32) -> np.ndarray:
+    """(rows, n_targets) regression targets; nulls become NaN, like features."""
+    return features_to_numpy(table, label_names, dtype)
+
+
+def nonfinite_counts(x: np.ndarray) -> np.ndarray:
+    """(n_columns,) int64: how many NaN or inf values each column holds."""
+    return (~np.isfinite(x)).sum(axis=0, dtype=np.int64)
+
+
+def finite_row_mask(x: np.ndarray) -> np.ndarray:
+    """(rows,) bool: True where every value of the row is finite."""
+    return np.isfinite(x).all(axis=1)
+
+
+# ---------------------------------------------------------------- labels
+
+def label_values(table: pa.Table, label_name: str) -> pa.Array:
+    """The class-label column as one Array (dictionaries decoded). A null is a DataError."""
+    values = table.column(label_name).combine_chunks()
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    if values.null_count:
+        raise DataError(f"data.label: column {label_name!r} has {values.null_count} missing values",
+                        "drop or fill those rows")
+    return values
+
+
+def unique_labels(array: pa.Array) -> list:
+    """The distinct labels as sorted python values (ints or strings)."""
+    return sorted(pc.unique(array).to_pylist())
+
+
+def encode_labels(array: pa.Array, classes: list, column: str = "label") -> np.ndarray:
+    """(rows,) int64: the index of each label in `classes`."""
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    kind = pa.int64() if pa.types.is_integer(array.type) else array.type
+    try:
+        indices = pc.index_in(array.cast(kind), value_set=pa.array(classes, type=kind))
+    except (pa.ArrowException, OverflowError, TypeError) as err:
+        raise DataError(f"data.label: labels of column {column!r} ({array.type}) do not match "
+                        f"the classes {classes[:10]}: {_first_line(err)}") from None
+    if indices.null_count:
+        bad = array.filter(indices.is_null())[0].as_py()
+        raise DataError(f"data.label: column {column!r} holds {bad!r}, which is not a known class "
+                        f"(classes: {classes[:20]})")
+    return indices.to_numpy().astype(np.int64, copy=False)
+
+
+# ---------------------------------------------------------------- standardisation
+
+def moment_sums(x: np.ndarray, shift: np.ndarray | float = 0.0):
+    """(sum, sumsq, count) of x - shift per column, in float64: partial sums that add up across
+    shards. A common `shift` near the mean (say the first row) avoids cancellation."""
+    d = np.asarray(x, dtype=np.float64) - shift
+    return d.sum(axis=0), np.einsum("ij,ij->j", d, d), x.shape[0]
+
+
+def finalize_standardization(sum, sumsq, count, shift: np.ndarray | float = 0.0):
+    """(mean, std) from summed `moment_sums`. A column whose spread is zero or lost in
+    rounding gets std 1.0, so dividing by it leaves the column centred, not infinite."""
+    if count <= 0:
+        raise ValueError("finalize_standardization needs count >= 1")
+    mean_shifted = np.asarray(sum, dtype=np.float64) / count
+    meansq = np.asarray(sumsq, dtype=np.float64) / count
+    var = np.maximum(meansq - mean_shifted**2, 0.0)
+    std = np.where(var <= 1e-12 * meansq, 1.0, np.sqrt(var))  # also catches var == 0 == meansq
+    return mean_shifted + shift, std
