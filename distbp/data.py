@@ -505,3 +505,36 @@ def finalize_standardization(sum, sumsq, count, shift: np.ndarray | float = 0.0)
     var = np.maximum(meansq - mean_shifted**2, 0.0)
     std = np.where(var <= 1e-12 * meansq, 1.0, np.sqrt(var))  # also catches var == 0 == meansq
     return mean_shifted + shift, std
+
+
+def shard_moments(x: np.ndarray):
+    """(count, mean, m2) per column of one shard, in float64; m2 = sum of squared deviations
+    from the shard's own mean, computed in two passes so large offsets lose no precision."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) == 0:
+        return 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    mean = x.mean(axis=0)
+    d = x - mean
+    return len(x), mean, np.einsum("ij,ij->j", d, d)
+
+
+def merge_moments(parts):
+    """(mean, std) over all rows from the shards' `shard_moments`, combined in the given order
+    with Chan et al.'s pairwise update. A column with no spread gets std 1.0."""
+    n, mean, m2 = 0, None, None
+    for count, mean_k, m2_k in parts:
+        if count == 0:
+            continue
+        if n == 0:
+            n, mean, m2 = count, np.array(mean_k, np.float64), np.array(m2_k, np.float64)
+            continue
+        delta = mean_k - mean
+        total = n + count
+        mean = mean + delta * (count / total)
+        m2 = m2 + m2_k + delta * delta * (n * count / total)
+        n = total
+    if n == 0:
+        raise ValueError("merge_moments needs at least one row")
+    var = m2 / n
+    std = np.where(var <= (1e-12 * mean) ** 2, 1.0, np.sqrt(var))  # also var == 0
+    return mean, std

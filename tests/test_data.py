@@ -540,3 +540,15 @@ def test_import_does_not_pull_ray_click_or_sklearn():
             "print(sorted(m for m in ('ray', 'click', 'sklearn') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("cuts", [[], [1], [3, 3, 10], [0, 50, 51]])
+def test_merged_shard_moments_equal_whole_table_moments(cuts):
+    rng = np.random.default_rng(11)
+    x = rng.normal(loc=[1e9, 0.0, -5.0], scale=[3.0, 1.0, 1e-3], size=(80, 3))
+    x[:, 1] = 7.0  # a constant column
+    bounds = [0, *cuts, 80]
+    mean, std = data.merge_moments([data.shard_moments(x[a:b]) for a, b in zip(bounds, bounds[1:])])
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(std[[0, 2]], x.std(axis=0)[[0, 2]], rtol=1e-9)
+    assert std[1] == 1.0
