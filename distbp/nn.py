@@ -212,3 +212,19 @@ def predict(spec, params, x, chunk_rows=8192):
         xs = x[start : start + ws.rows]
         out[start : start + len(xs)] = forward(spec, params, xs, ws)[-1]
     return out
+
+
+def evaluate(spec, params, x, y, chunk_rows=8192):
+    """(loss_sum, correct) over the rows of x: the forward pass only."""
+    loss = _losses.get(spec.loss, spec.output)
+    x = np.ascontiguousarray(x, dtype=spec.np_dtype)
+    loss_sum, correct = 0.0, 0
+    if len(x) == 0:
+        return loss_sum, correct
+    ws = Workspace(spec, min(chunk_rows, len(x)))
+    for start in range(0, len(x), ws.rows):
+        xs, ys = x[start : start + ws.rows], y[start : start + ws.rows]
+        a_out = forward(spec, params, xs, ws)[-1]
+        loss_sum += loss.loss_sum(ws.z_out[: len(xs)], a_out, ys)
+        correct += loss.correct(a_out, ys) if loss.classification else 0
+    return loss_sum, correct

@@ -1,0 +1,99 @@
+"""The Python entry points the CLI and notebooks share: load a job, dry-run it, train it,
+evaluate and predict with a saved model. Each is a few lines over the library."""
+
+import os
+
+import numpy as np
+
+from . import data, nn
+from .errors import DataError
+from .job import Job, job_from_dict, load_job
+from .model import Model, load_model
+
+
+def load(job_or_path, overrides=()):
+    """A checked Job from a path, a dict or a Job, with `key.path=value` overrides applied."""
+    if isinstance(job_or_path, Job):
+        return job_or_path if not overrides else load(_dict_of(job_or_path), overrides)
+    if isinstance(job_or_path, dict):
+        return job_from_dict(job_or_path, source="<dict>", base_dir=os.getcwd(), overrides=list(overrides))
+    return load_job(job_or_path, list(overrides))
+
+
+def _dict_of(job):
+    from .job import job_to_dict
+
+    return job_to_dict(job, resolve_paths=True)
+
+
+def spec_of(job):
+    m = job.model
+    return nn.Spec(tuple(m.layers), tuple(m.activations), m.output, m.loss, m.init, m.dtype)
+
+
+def dry_run(job):
+    """Validate the job and the data's schema (columns, types, input width) without Ray."""
+    from .trainer import ensure_data, prepare
+
+    ensure_data(job, lambda msg: None)
+    return prepare(job)
+
+
+def train(job_or_path, log=None, on_step=None, resume=False, force=False, **overrides):
+    """Train a job (a path, dict or Job). Keyword overrides use `__` for dots, e.g.
+    `train(job, train__steps=100, cluster__workers=1)`. Returns the RunResult."""
+    from .trainer import Trainer
+
+    sets = [f"{k.replace('__', '.')}={_yaml_scalar(v)}" for k, v in overrides.items()]
+    return Trainer(load(job_or_path, sets), resume=resume, force=force, log=log, on_step=on_step).run()
+
+
+def _yaml_scalar(value):
+    import json
+
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _read_for(model: Model, data_path):
+    source = data.open_source(data_path)
+    table = source.read_rows(0, source.num_rows)
+    missing = [c for c in model.features if c not in table.column_names]
+    if missing:
+        raise DataError(f"{data_path}: missing feature column '{missing[0]}' that the model was trained on")
+    return table, data.features_to_numpy(table, model.features, np.float64)
+
+
+def evaluate(model_path, data_path):
+    """{'rows', 'loss', 'accuracy'} of a saved model on a data file (one process)."""
+    model = load_model(model_path)
+    table, x = _read_for(model, data_path)
+    label = model.labels[0]
+    if label not in table.column_names:
+        raise DataError(f"{data_path}: missing label column '{label}'")
+    if model.task == "classification":
+        y = data.encode_labels(data.label_values(table, label), model.classes, column=label)
+    else:
+        y = data.targets_to_numpy(table, model.labels, np.float64)
+    loss_sum, correct = nn.evaluate(model.spec, model.params, model.standardized(x), y)
+    result = {"rows": len(x), "loss": loss_sum / max(len(x), 1)}
+    if model.task == "classification":
+        result["accuracy"] = correct / max(len(x), 1)
+    return result
+
+
+def predict_file(model_path, data_path, out_path):
+    """Write `prediction` (and `proba_<class>`) columns for every row of a data file."""
+    import pyarrow as pa
+
+    model = load_model(model_path)
+    _, x = _read_for(model, data_path)
+    proba = model.predict_proba(x)
+    if model.task == "classification":
+        columns = {"prediction": pa.array(model.predict(x).tolist())}
+        columns.update({f"proba_{c}": proba[:, i] for i, c in enumerate(model.classes)})
+    elif len(model.labels) == 1:
+        columns = {"prediction": proba[:, 0]}
+    else:
+        columns = {f"prediction_{name}": proba[:, i] for i, name in enumerate(model.labels)}
+    data.write_table(pa.table(columns), out_path)
+    return len(x)

@@ -1,0 +1,102 @@
+"""Atomic save and load of npz files: checkpoints (weights, optimizer state, progress) and models.
+
+A local file is written to a temporary name in the same folder, fsynced, then renamed over
+the final name, so a crash leaves either the old file or the new one, never half of one.
+Everything is a plain array; loading uses allow_pickle=False.
+"""
+
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+_NAME = re.compile(r"^step-(\d{9})\.npz$")
+
+
+def atomic_savez(path, arrays):
+    """np.savez to `path` through a temporary file + fsync + rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    params: np.ndarray  # (num_params,)
+    opt_state: dict  # name -> flat array
+    job_hash: str
+    seed: int
+    finished: bool = False
+
+
+def save(folder, ckpt, keep=3):
+    """Write `folder/step-NNNNNNNNN.npz` atomically, then delete all but the newest `keep`."""
+    arrays = {
+        "params": ckpt.params,
+        "step": np.array(ckpt.step, np.int64),
+        "seed": np.array(ckpt.seed, np.int64),
+        "finished": np.array(ckpt.finished),
+        "job_hash": np.array(ckpt.job_hash),
+    }
+    arrays.update({f"opt_{k}": v for k, v in ckpt.opt_state.items()})
+    path = os.path.join(folder, f"step-{ckpt.step:09d}.npz")
+    atomic_savez(path, arrays)
+    for old in list_steps(folder)[:-keep]:
+        os.unlink(os.path.join(folder, f"step-{old:09d}.npz"))
+    return path
+
+
+def list_steps(folder):
+    """Steps that have a checkpoint file in `folder`, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(m.group(1)) for m in map(_NAME.match, os.listdir(folder)) if m)
+
+
+def load(path):
+    """Read one checkpoint; UsageError if the file is damaged or not a checkpoint."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Checkpoint(
+                step=int(z["step"]),
+                params=z["params"],
+                opt_state={k[4:]: z[k] for k in z.files if k.startswith("opt_")},
+                job_hash=str(z["job_hash"]),
+                seed=int(z["seed"]),
+                finished=bool(z["finished"]),
+            )
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+        raise UsageError(f"{path}: damaged checkpoint ({type(err).__name__})") from None
+
+
+def load_latest(folder, warn=lambda msg: None):
+    """The newest checkpoint in `folder` that reads cleanly, or None; damaged ones are skipped
+    with a warning through `warn`."""
+    for step in reversed(list_steps(folder)):
+        path = os.path.join(folder, f"step-{step:09d}.npz")
+        try:
+            return load(path)
+        except UsageError as err:
+            warn(f"skipping {err}")
+    return None

@@ -1,0 +1,184 @@
+"""The `distbp` command: thin click commands over the library. Errors become one line on
+stderr and an exit code (2 bad input, 1 failure, 130/143 after a signal); no tracebacks."""
+
+import functools
+import json
+import os
+import signal
+import sys
+
+import click
+
+from .errors import DistbpError
+
+# Set DISTBP_DEBUG=1 to see the traceback of an unexpected error.
+DEBUG = os.environ.get("DISTBP_DEBUG") == "1"
+
+
+def one_line_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DistbpError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as err:  # a bug: still one line, with a way to see more
+            if DEBUG:
+                raise
+            first = (str(err).splitlines() or [""])[0]
+            click.echo(f"error: internal error: {type(err).__name__}: {first} (rerun with DISTBP_DEBUG=1 for the traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="distbp")
+def main():
+    """distbp: data-parallel backpropagation for fully connected networks on Ray."""
+
+
+@main.command()
+@click.argument("job_file", metavar="JOB", type=click.Path(dir_okay=False))
+@click.option("--workers", type=str, help="Override cluster.workers.")
+@click.option("--address", help="Join an existing Ray cluster: auto, host:port or ray://host:port.")
+@click.option("--out", "out_dir", help="Output folder (default runs/<name>).")
+@click.option("--resume", is_flag=True, help="Continue the run in the output folder from its newest checkpoint.")
+@click.option("--force", is_flag=True, help="Replace a run already in the output folder.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any job key, e.g. --set train.optimizer.lr=0.01.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--dry-run", is_flag=True, help="Validate the job and the data schema, then exit.")
+@one_line_errors
+def run(job_file, workers, address, out_dir, resume, force, sets, quiet, dry_run):
+    """Train the network of JOB on Ray."""
+    from . import api
+
+    overrides = list(sets)
+    overrides += [f"cluster.workers={workers}"] if workers is not None else []
+    overrides += [f"cluster.address={address}"] if address is not None else []
+    overrides += [f"output.dir={out_dir}"] if out_dir is not None else []
+    job = api.load(job_file, overrides)
+    if dry_run:
+        prep = api.dry_run(job)
+        click.echo(f"ok: {job.source}: {prep.source.num_rows} rows, {len(prep.features)} features, {prep.spec.num_params} parameters")
+        return
+    result = _run_with_progress(job, resume, force, quiet)
+    if result.already_finished:
+        click.echo(f"{result.out_dir}: already finished at step {result.steps}")
+        return
+    final = result.final
+    acc = f", accuracy {final['accuracy']:.4f}" if "accuracy" in final else ""
+    val = f", val_loss {final['val_loss']:.4f}" if final.get("val_loss") is not None else ""
+    click.echo(f"done: {result.steps} steps in {final.get('seconds', 0):.1f} s, loss {final.get('loss', float('nan')):.4f}{acc}{val} -> {result.model_path}")
+
+
+def _run_with_progress(job, resume, force, quiet):
+    from .trainer import Trainer
+
+    messages = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    bar = None if quiet else click.progressbar(length=job.train.steps, label="training", file=sys.stderr, item_show_func=lambda r: r, show_pos=True)
+    state = {"last": None}
+
+    def on_step(row):
+        if bar is not None:
+            acc = f" acc {row['accuracy']:.3f}" if "accuracy" in row else ""
+            rate = row["step"] / max(row["seconds"], 1e-9)
+            bar.update(row["step"] - (state["last"] or row["step"] - 1), f"loss {row['loss']:.4f}{acc} {rate:.1f} steps/s")
+        state["last"] = row["step"]
+
+    trainer = Trainer(job, resume=resume, force=force, log=messages, on_step=on_step)
+
+    def on_signal(signum, frame):
+        if trainer.stop_requested:  # a second signal: go now, keep the previous checkpoint
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        trainer.stop_requested = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if bar is not None:
+            with bar:
+                return trainer.run()
+        return trainer.run()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+@main.command()
+@click.argument("job_file", metavar="JOB", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any job key.")
+@one_line_errors
+def gradcheck(job_file, sets):
+    """Compare the job's backprop gradient with central differences (float64)."""
+    from . import api
+    from .gradcheck import TOLERANCE, gradcheck as check
+
+    job = api.load(job_file, list(sets))
+    report = check(api.spec_of(job))
+    for layer, n, err in report:
+        click.echo(f"layer {layer}: {n} parameters checked, relative error {err:.2e}")
+    worst = max(err for _, _, err in report)
+    if worst > TOLERANCE:
+        click.echo(f"error: gradcheck failed: relative error {worst:.2e} > {TOLERANCE:g}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: max relative error {worst:.2e} <= {TOLERANCE:g}")
+
+
+@main.command("eval")
+@click.argument("model_path", metavar="MODEL")
+@click.argument("data_path", metavar="DATA")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@one_line_errors
+def eval_(model_path, data_path, as_json):
+    """Loss (and accuracy) of MODEL on the rows of DATA."""
+    from . import api
+
+    result = api.evaluate(model_path, data_path)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo("  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL")
+@click.argument("data_path", metavar="DATA")
+@click.option("-o", "--out", "out_path", required=True, help="Output file, .parquet or .csv.")
+@one_line_errors
+def predict(model_path, data_path, out_path):
+    """Write MODEL's predictions for the rows of DATA."""
+    from . import api
+
+    rows = api.predict_file(model_path, data_path, out_path)
+    click.echo(f"wrote {rows} predictions -> {out_path}")
+
+
+@main.group("data")
+def data_group():
+    """Synthetic and bundled data sets."""
+
+
+@data_group.command("make")
+@click.argument("kind", type=click.Choice(["xor", "spirals", "blobs", "teacher", "digits"]))
+@click.option("--rows", type=int, help="Rows to generate (not for digits).")
+@click.option("-o", "--out", "out_path", required=True, help="Output file: .parquet, .csv or .feather.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--classes", type=int, help="Classes (spirals, blobs).")
+@click.option("--features", type=int, help="Features (blobs).")
+@click.option("--layers", help="Teacher widths, e.g. 784,256,128,10.")
+@one_line_errors
+def data_make(kind, rows, out_path, seed, classes, features, layers):
+    """Generate the data set KIND into a file."""
+    from . import data
+
+    options = {"classes": classes, "features": features}
+    if layers:
+        options["layers"] = [int(w) for w in layers.split(",")]
+    table = data.make_dataset(kind, rows, seed=seed, **{k: v for k, v in options.items() if v is not None})
+    data.write_table(table, out_path)
+    click.echo(f"wrote {table.num_rows} rows x {table.num_columns} columns -> {out_path}")

@@ -1,0 +1,115 @@
+"""Starting or joining Ray (DESIGN section 5) and creating the actors.
+
+The embedded Ray and any join of a 127.0.0.0/8 address run in Ray's loopback mode, which
+Ray reads from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is first imported; so the mode is
+decided here, before `import ray`. Any other address keeps Ray's own address choice.
+"""
+
+import ipaddress
+import os
+import socket
+import time
+from urllib.parse import urlsplit
+
+from .errors import ConnectError, UsageError
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _host_port(address):
+    """('host', port) of 'host:port' or 'ray://host:port'; port None when not given."""
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    return parts.hostname, parts.port
+
+
+def _auto_address():
+    """The address 'auto' resolves to, read the way Ray finds it: RAY_ADDRESS, then the
+    current-cluster file of this machine's default Ray temp folder."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        with open("/tmp/ray/ray_current_cluster") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def is_loopback(address):
+    """True for the embedded Ray (None) and for addresses on 127.0.0.0/8 or localhost."""
+    if address is None:
+        return True
+    if address == "auto":
+        address = _auto_address()
+        if address is None:
+            return False
+    host, _ = _host_port(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def choose_mode(address):
+    """Set Ray's loopback mode for `address` unless ray is already imported (then the
+    process has already chosen). Call before importing ray."""
+    import sys
+
+    if "ray" not in sys.modules and is_loopback(address):
+        os.environ[LOOPBACK_ENV] = "0"
+
+
+def _wait_for_port(address, timeout_s):
+    host, port = _host_port(address)
+    if host is None or port is None:
+        raise UsageError(f"cluster.address: expected host:port, ray://host:port or auto, got {address!r}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConnectError(
+                    f"cannot reach a Ray cluster at {address} within {timeout_s:g} s ({err.strerror or err})",
+                    hint="check that `ray start --head` runs there, or drop --address to use an embedded Ray",
+                ) from None
+            time.sleep(0.2)
+
+
+def connect(address, num_cpus, timeout_s=30):
+    """Start an embedded Ray (address None) or join `address`. Reuses a Ray that is already
+    initialised in this process. Returns True when this call started Ray, so the caller
+    knows whether it may shut it down."""
+    choose_mode(address)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True)
+    if address is None:
+        ray.init(address="local", num_cpus=num_cpus, **common)
+        return True
+    if address == "auto" and _auto_address() is None:
+        raise ConnectError("cluster.address is 'auto' but no running Ray cluster was found on this machine")
+    target = address if address != "auto" else _auto_address()
+    _wait_for_port(target, timeout_s)
+    try:
+        ray.init(address=address, **common)
+    except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
+        raise ConnectError(f"cannot join the Ray cluster at {address}: {err}".splitlines()[0]) from None
+    return True
+
+
+def check_capacity(workers, cpus_per_worker):
+    """Fail clearly, instead of waiting forever, when the cluster has too few CPUs."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    need = workers * cpus_per_worker
+    if total < need:
+        raise UsageError(
+            f"cluster.workers: {workers} workers x {cpus_per_worker:g} CPUs need {need:g} CPUs, the cluster has {total:g}",
+            hint="lower cluster.workers or cluster.cpus_per_worker, or add nodes",
+        )

@@ -1,0 +1,131 @@
+"""The shard worker actor: owns rows [start, stop) of the data, reads them itself, and returns
+gradient sums for the weights it is sent. A thin wrapper over data.py and nn.py."""
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from . import data, nn
+
+# stats vector a worker returns with each gradient: sums that add across workers
+LOSS, COUNT, CORRECT, SECONDS = 0, 1, 2, 3
+DELTAS = 4  # then L sums of |d_l|
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Everything a worker needs to load its shard; small and picklable."""
+
+    rank: int
+    source: object  # data.TableSource
+    start: int
+    stop: int
+    features: tuple
+    labels: tuple
+    task: str
+    spec: nn.Spec
+    chunk_rows: int
+    threads: int
+    seed: int
+    on_nan: str = "error"
+    validation_fraction: float | None = None
+    validation_source: object = None  # a separate validation TableSource, sharded the same way
+    validation_range: tuple = (0, 0)
+
+
+class ShardWorker:
+    """Created with a ShardPlan; `load` reads and summarises the shard, `prepare` encodes it,
+    then `compute` runs forward and backward over it for each step."""
+
+    def __init__(self, plan, param_slices):
+        self.plan = plan
+        self.slices = param_slices  # [(start, stop)] of the S parameter actors
+        self._limits = threadpool_limits(limits=max(1, int(plan.threads)), user_api="blas")
+        self.raw = {}
+        self.workspace = None
+        self.weights = np.empty(plan.spec.num_params, plan.spec.np_dtype)
+
+    def where(self):
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    def _read(self, source, start, stop):
+        table = source.read_rows(start, stop, columns=[*self.plan.features, *self.plan.labels])
+        x = data.features_to_numpy(table, list(self.plan.features), np.float64)  # (rows, n_0)
+        return table, x
+
+    def load(self):
+        """Read the shard. Returns sums the driver merges: non-finite counts per feature,
+        label values, feature moment sums over training rows, and row counts."""
+        p = self.plan
+        table, x = self._read(p.source, p.start, p.stop)
+        is_val = np.zeros(len(x), bool)
+        if p.validation_fraction:
+            is_val = data.validation_mask(p.start, p.stop, p.validation_fraction, p.seed)
+        parts = {"train": (table.filter(~is_val), x[~is_val])}
+        if p.validation_fraction:
+            parts["val"] = (table.filter(is_val), x[is_val])
+        elif p.validation_source is not None:
+            parts["val"] = self._read(p.validation_source, *p.validation_range)
+        summary = {"nonfinite": data.nonfinite_counts(x), "dropped": 0, "labels": [], "rows": {}}
+        if "val" in parts:
+            summary["val_nonfinite"] = data.nonfinite_counts(parts["val"][1])
+        for name, (tab, xs) in parts.items():
+            if p.on_nan == "drop":
+                keep = data.finite_row_mask(xs)
+                summary["dropped"] += int(len(keep) - keep.sum())
+                tab, xs = tab.filter(keep), xs[keep]
+            self.raw[name] = (tab, xs)
+            summary["rows"][name] = len(xs)
+            if p.task == "classification":
+                summary["labels"] = sorted(set(summary["labels"]) | set(data.unique_labels(data.label_values(tab, p.labels[0]))))
+        summary["moments"] = data.shard_moments(self.raw["train"][1])
+        return summary
+
+    def prepare(self, classes, mean, std):
+        """Standardise, cast to the model dtype and encode targets; drop the raw table."""
+        p, dtype = self.plan, self.plan.spec.np_dtype
+        self.sets = {}
+        for name, (tab, x) in self.raw.items():
+            if mean is not None:
+                x = (x - mean) / std
+            x = np.ascontiguousarray(x, dtype=dtype)
+            if p.task == "classification":
+                y = data.encode_labels(data.label_values(tab, p.labels[0]), classes)
+            else:
+                y = np.ascontiguousarray(data.targets_to_numpy(tab, list(p.labels), dtype))
+            self.sets[name] = (x, y)
+        self.raw = {}
+        rows = min(p.chunk_rows, max(len(self.sets["train"][0]), 1))
+        self.workspace = nn.Workspace(p.spec, rows)
+        return {name: len(x) for name, (x, _) in self.sets.items()}
+
+    def _params(self, weights):
+        if len(weights) == 1:
+            return weights[0]  # zero-copy, read-only view of the object-store buffer
+        for (a, b), part in zip(self.slices, weights):
+            self.weights[a:b] = part
+        return self.weights
+
+    def _run(self, name, weights, track_deltas):
+        x, y = self.sets.get(name, (np.empty((0, 0)), np.empty(0)))
+        start = time.perf_counter()
+        result = nn.grad_rows(self.plan.spec, self._params(weights), x, y, self.plan.chunk_rows, self.workspace, track_deltas)
+        stats = np.empty(DELTAS + self.plan.spec.num_layers)
+        stats[:DELTAS] = result.loss_sum, result.count, result.correct, time.perf_counter() - start
+        stats[DELTAS:] = result.delta_abs
+        return result.grad, stats
+
+    def compute(self, step, track_deltas, *weights):
+        """Gradient sums of this shard at `weights` (one array per parameter actor).
+        Returns S gradient slices, one per parameter actor, then the stats vector."""
+        grad, stats = self._run("train", weights, track_deltas)
+        return (*(grad[a:b] for a, b in self.slices), stats)
+
+    def evaluate(self, *weights):
+        """Loss and correct-count sums over this worker's validation rows (a stats vector)."""
+        return self._run("val", weights, False)[1]
