@@ -1,0 +1,58 @@
+"""Shared fixtures: one real local Ray per test session, loopback only, fixed num_cpus."""
+
+import os
+
+# Ray reads this when it is first imported: loopback mode, never the machine's address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+NUM_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The test session's Ray: started once, embedded, loopback only."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def make_job(tmp_path):
+    """Write a small job file (and its data) under tmp_path; returns the job path.
+    `make_job(kind="spirals", rows=300, fmt="parquet", **sections)` where sections are dicts
+    merged into the defaults below."""
+    from distbp import data
+
+    def _make(kind="spirals", rows=300, fmt="parquet", name="t", make_options=None, **sections):
+        options = make_options or ({"classes": 3} if kind == "spirals" else {})
+        path = tmp_path / f"{kind}-{rows}.{fmt}"
+        if not path.exists():
+            data.write_table(data.make_dataset(kind, rows, seed=1, **options), str(path), row_group_size=64)
+        job = {
+            "name": name,
+            "seed": 3,
+            "data": {"path": path.name, "label": "label"},
+            "model": {"layers": [2, 8, 8, 3], "activation": "tanh", "dtype": "float64"},
+            "train": {"steps": 5, "optimizer": {"name": "sgd", "lr": 0.5}, "eval_every": 2, "checkpoint_every": 3},
+            "cluster": {"workers": 2, "chunk_rows": 64},
+            "output": {"dir": str(tmp_path / "runs" / name)},
+        }
+        for key, value in sections.items():
+            job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
+        job_path = tmp_path / f"{name}.yaml"
+        job_path.write_text(yaml.safe_dump(job))
+        return job_path
+
+    return _make
+
+
+def model_arrays(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

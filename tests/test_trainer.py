@@ -1,0 +1,94 @@
+"""The distributed runner against one process: same gradient, same weights, same bits."""
+
+import numpy as np
+import pytest
+
+from distbp import data, nn
+from distbp.api import load, spec_of as trainer_spec
+from distbp.trainer import Trainer, prepare
+
+from conftest import model_arrays
+
+
+def single_process_mean_gradient(job, model, params):
+    """The oracle: the whole table in one process, standardised with the run's statistics."""
+    source = data.open_source(job.data_path())
+    table = source.read_rows(0, source.num_rows)
+    x = model.standardized(data.features_to_numpy(table, model.features, np.float64))
+    y = data.encode_labels(data.label_values(table, "label"), model.classes)
+    result = nn.grad_rows(model.spec, params, x, y)
+    return result.grad / result.count
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_assembled_gradient_equals_one_process(ray_session, make_job, workers):
+    ray = ray_session
+    job = load(make_job(rows=301), [f"cluster.workers={workers}"])  # 301 rows: uneven shards
+    trainer = Trainer(job)
+    try:
+        trainer.setup(prepare(job))
+        weights = [s.weights.remote() for s in trainer.servers]
+        outs = [w.compute.options(num_returns=2).remote(1, False, *weights) for w in trainer.workers]
+        counts = [int(ray.get(o[1])[1]) for o in outs]
+        assert sum(counts) == 301 and len(set(counts)) == (1 if workers == 1 else 2)
+        got = ray.get(trainer.servers[0].assemble.remote(workers, *[o[0] for o in outs], *[o[1] for o in outs]))
+        params = np.concatenate(ray.get(weights))
+    finally:
+        trainer.close()
+    want = single_process_mean_gradient(job, trainer.model, params)
+    assert np.linalg.norm(got - want) <= 1e-12 * np.linalg.norm(want)
+
+
+def test_weights_after_20_sgd_steps_agree_across_worker_counts(ray_session, make_job):
+    finals = {}
+    for workers in (1, 2, 3):
+        job = load(make_job(rows=301, name=f"k{workers}"), [f"cluster.workers={workers}", "train.steps=20"])
+        result = Trainer(job).run()
+        finals[workers] = model_arrays(result.model_path)
+    for workers in (2, 3):
+        for key in ("W1", "b1", "W2", "b2", "W3", "b3"):
+            a, b = finals[workers][key], finals[1][key]
+            assert np.linalg.norm(a - b) <= 1e-9 * np.linalg.norm(b), (workers, key)
+    start = nn.init_params(trainer_spec(load(make_job(rows=301, name="k1"))), np.random.default_rng(3))
+    assert not np.allclose(nn.views(trainer_spec(load(make_job(rows=301, name="k1"))), start)[0][0], finals[1]["W1"])
+
+
+def test_same_worker_count_gives_bit_identical_weights(ray_session, make_job):
+    runs = []
+    for name in ("a", "b"):
+        job = load(make_job(rows=200, name=name, model={"dtype": "float32"}, train={"optimizer": {"name": "adam", "lr": 0.01}}), ["cluster.workers=3", "train.steps=15"])
+        runs.append(model_arrays(Trainer(job).run().model_path))
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        assert np.array_equal(runs[0][key], runs[1][key]), key
+
+
+def test_parameter_servers_split_the_vector_without_changing_bits(ray_session, make_job):
+    runs = {}
+    for servers in (1, 3):
+        job = load(make_job(rows=200, name=f"s{servers}", train={"optimizer": {"name": "adam", "lr": 0.01}}), [f"cluster.parameter_servers={servers}"])
+        runs[servers] = model_arrays(Trainer(job).run().model_path)
+    for key in runs[1]:
+        if key != "spec":
+            assert np.array_equal(runs[1][key], runs[3][key]), key
+
+
+def test_run_folder_outputs(ray_session, make_job):
+    import csv
+    import json
+
+    import yaml
+
+    job = load(make_job(rows=120, name="out"), ["train.steps=6"])
+    result = Trainer(job).run()
+    rows = list(csv.DictReader(open(f"{result.out_dir}/metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["grad_norm_1"] == "" for r in rows if int(r["step"]) % 2)
+    assert all(float(r["grad_norm_3"]) > 0 and float(r["delta_mean_1"]) > 0 for r in rows if int(r["step"]) % 2 == 0)
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    resolved = yaml.safe_load(open(f"{result.out_dir}/job.yaml"))
+    assert resolved["train"]["steps"] == 6 and resolved["data"]["path"].startswith("/")
+    arrays = model_arrays(result.model_path)
+    spec = json.loads(str(arrays["spec"]))
+    assert spec["format_version"] == 1 and spec["classes"] == [0, 1, 2] and spec["features"] == ["x0", "x1"]
+    assert arrays["W1"].shape == (2, 8) and arrays["b3"].shape == (3,) and "x_mean" in arrays
