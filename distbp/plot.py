@@ -1,0 +1,128 @@
+"""Plots of a finished or running run: metrics.csv in a run folder -> one PNG.
+
+Panels, against the optimizer step:
+1. loss (train, and validation where present), with accuracy (train, validation) on a twin
+   axis for classification runs;
+2. the learning rate applied;
+3. per layer, the gradient norm (solid) and the mean |delta| (dashed, same colour) on a log
+   scale, from the evaluation steps only (the other rows leave those cells empty).
+
+matplotlib is an optional extra (`pip install 'distbp[plot]'`); it is imported inside
+`plot_run`, never at module import, and only through its object API (no pyplot state).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+
+from distbp.errors import UsageError
+
+_LAYER_COLUMN = re.compile(r"^(grad_norm|delta_mean)_(\d+)$")
+
+
+def _read_metrics(path: str) -> dict[str, list[float]]:
+    """metrics.csv -> {column: values}, one value per row; an empty cell reads as NaN."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file", "is this a run folder? it holds metrics.csv") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+    if not rows:
+        raise UsageError(f"{path}: no steps recorded yet")
+    columns: dict[str, list[float]] = {}
+    for name in rows[0]:
+        try:
+            columns[name] = [float(row[name]) if row[name] not in ("", None) else math.nan for row in rows]
+        except ValueError:
+            raise UsageError(f"{path}: column {name!r} holds a value that is not a number") from None
+    if "step" not in columns or "loss" not in columns:
+        raise UsageError(f"{path}: expected the columns step and loss")
+    return columns
+
+
+def _present(steps: list[float], values: list[float], positive: bool = False):
+    """The (steps, values) pairs where the value is recorded (and > 0 for a log axis)."""
+    pairs = [(s, v) for s, v in zip(steps, values) if not math.isnan(v) and (v > 0 or not positive)]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def _has(columns: dict, name: str) -> bool:
+    return name in columns and any(not math.isnan(v) for v in columns[name])
+
+
+def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> str:
+    """Draw run_dir/metrics.csv into a PNG (default run_dir/plot.png); returns the PNG's path."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("matplotlib is not installed", hint="pip install 'distbp[plot]'") from None
+    run_dir = os.fspath(run_dir)
+    out_path = os.fspath(out_path) if out_path is not None else os.path.join(run_dir, "plot.png")
+    columns = _read_metrics(os.path.join(run_dir, "metrics.csv"))
+    steps = columns["step"]
+    layers = sorted({int(m.group(2)) for m in map(_LAYER_COLUMN.match, columns) if m})
+    layers = [l for l in layers if _has(columns, f"grad_norm_{l}") or _has(columns, f"delta_mean_{l}")]
+
+    fig = Figure(figsize=(9, 10 if layers else 7), layout="constrained")
+    axes = fig.subplots(3 if layers else 2, 1, sharex=True, height_ratios=[3, 1, 3][: 3 if layers else 2])
+    ax_loss, ax_lr = axes[0], axes[1]
+
+    ax_loss.plot(*_present(steps, columns["loss"]), color="C0", label="train loss")
+    if _has(columns, "val_loss"):
+        ax_loss.plot(*_present(steps, columns["val_loss"]), "o-", color="C1", ms=3, label="validation loss")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title(os.path.basename(os.path.abspath(run_dir)))
+    handles, labels = ax_loss.get_legend_handles_labels()
+    if _has(columns, "accuracy") or _has(columns, "val_accuracy"):
+        ax_acc = ax_loss.twinx()
+        if _has(columns, "accuracy"):
+            ax_acc.plot(*_present(steps, columns["accuracy"]), color="C2", alpha=0.8, label="train accuracy")
+        if _has(columns, "val_accuracy"):
+            ax_acc.plot(*_present(steps, columns["val_accuracy"]), "s--", color="C3", ms=3,
+                        label="validation accuracy")
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.set_ylim(0, 1.02)
+        more_handles, more_labels = ax_acc.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax_loss.legend(handles, labels, loc="center right", fontsize="small")
+    ax_loss.grid(alpha=0.3)
+
+    if _has(columns, "lr"):
+        ax_lr.plot(*_present(steps, columns["lr"]), color="C4")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+
+    if layers:
+        ax_norm = axes[2]
+        for i, l in enumerate(layers):
+            colour = f"C{i % 10}"
+            if _has(columns, f"grad_norm_{l}"):
+                ax_norm.plot(*_present(steps, columns[f"grad_norm_{l}"], positive=True), "-", color=colour,
+                             marker=".", label=f"‖grad W{l}‖")
+            if _has(columns, f"delta_mean_{l}"):
+                ax_norm.plot(*_present(steps, columns[f"delta_mean_{l}"], positive=True), "--", color=colour,
+                             label=f"mean |delta {l}|")
+        ax_norm.set_yscale("log")
+        ax_norm.set_ylabel("per layer (log scale)")
+        ax_norm.legend(loc="upper right", fontsize="small", ncol=2)
+        ax_norm.grid(alpha=0.3, which="both")
+    axes[-1].set_xlabel("step")
+
+    # a temporary file in the same folder, then a rename: a reader never sees half a PNG
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
+        raise UsageError(f"{out_path}: the folder does not exist")
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out_path
