@@ -32,10 +32,13 @@ def spec_of(job):
 
 
 def dry_run(job):
-    """Validate the job and the data's schema (columns, types, input width) without Ray."""
-    from .trainer import ensure_data, prepare
+    """Validate the job and the data's schema (columns, types, input width) without Ray.
+    Returns the trainer's Prepared, or None when the data is still to be made by data.make."""
+    from .trainer import prepare
 
-    ensure_data(job, lambda msg: None)
+    path = job.data_path()
+    if job.data.make and path and "://" not in path and not os.path.exists(path):
+        return None
     return prepare(job)
 
 

@@ -48,6 +48,9 @@ class Checkpoint:
     job_hash: str
     seed: int
     finished: bool = False
+    workers: int = 0  # the worker count that produced it (a different count changes the bits)
+    best: np.ndarray | None = None  # early stopping: (best value, its step, evaluations since)
+    best_params: np.ndarray | None = None  # the weights of the best validation step
 
 
 def save(folder, ckpt, keep=3):
@@ -58,7 +61,10 @@ def save(folder, ckpt, keep=3):
         "seed": np.array(ckpt.seed, np.int64),
         "finished": np.array(ckpt.finished),
         "job_hash": np.array(ckpt.job_hash),
+        "workers": np.array(ckpt.workers, np.int64),
     }
+    if ckpt.best is not None:
+        arrays["best"], arrays["best_params"] = ckpt.best, ckpt.best_params
     arrays.update({f"opt_{k}": v for k, v in ckpt.opt_state.items()})
     path = os.path.join(folder, f"step-{ckpt.step:09d}.npz")
     atomic_savez(path, arrays)
@@ -85,6 +91,9 @@ def load(path):
                 job_hash=str(z["job_hash"]),
                 seed=int(z["seed"]),
                 finished=bool(z["finished"]),
+                workers=int(z["workers"]),
+                best=z["best"] if "best" in z.files else None,
+                best_params=z["best_params"] if "best_params" in z.files else None,
             )
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
         raise UsageError(f"{path}: damaged checkpoint ({type(err).__name__})") from None

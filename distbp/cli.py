@@ -64,7 +64,10 @@ def run(job_file, workers, address, out_dir, resume, force, sets, quiet, dry_run
     job = api.load(job_file, overrides)
     if dry_run:
         prep = api.dry_run(job)
-        click.echo(f"ok: {job.source}: {prep.source.num_rows} rows, {len(prep.features)} features, {prep.spec.num_params} parameters")
+        if prep is None:
+            click.echo(f"ok: {job.source}: the job is valid; data.make will write {job.data_path()}")
+        else:
+            click.echo(f"ok: {job.source}: {prep.source.num_rows} rows, {len(prep.features)} features, {prep.spec.num_params} parameters")
         return
     result = _run_with_progress(job, resume, force, quiet)
     if result.already_finished:

@@ -6,17 +6,24 @@ import numpy as np
 
 from . import optim
 from .errors import TrainingError
-from .workers import COUNT, LOSS
+from .workers import COUNT, LOSS, SECONDS
 
 
 class ParameterServer:
-    def __init__(self, params, optimizer, opt_state=None, layer_bounds=()):
+    def __init__(self, params, optimizer, opt_state=None, layer_bounds=(), step=0):
         self.w = np.array(params)  # (slice,) owned, writable copy
         self.grad = np.empty_like(self.w)
         self.opt = optim.make(**optimizer)
         self.state = opt_state if opt_state is not None else self.opt.init_state(len(self.w), self.w.dtype)
         self.state = {k: np.array(v) for k, v in self.state.items()}
         self.layer_bounds = list(layer_bounds)  # [(layer, start, stop)] within this slice
+        self.step = step  # the last step applied
+
+    def ping(self):
+        return True
+
+    def applied_step(self):
+        return self.step
 
     def weights(self):
         return self.w
@@ -29,7 +36,7 @@ class ParameterServer:
         np.copyto(self.grad, grads[0])
         for g in grads[1:]:  # fixed order: bit-reproducible
             self.grad += g
-        totals = np.sum(stats, axis=0)
+        self.totals = totals = np.sum(stats, axis=0)
         if not np.isfinite(totals[LOSS]) or not np.isfinite(self.grad.sum(dtype=np.float64)):
             raise TrainingError(
                 f"training diverged at step {step}: the loss or gradient is NaN or inf",
@@ -39,12 +46,16 @@ class ParameterServer:
         return self.grad
 
     def apply(self, step, lr, num_workers, norms, *parts):
-        """Assemble the mean gradient and take one optimizer step. Returns the new weights
-        and, when `norms`, each layer's sum of squares of the mean gradient in this slice."""
+        """Assemble the mean gradient and take one optimizer step. Returns the new weights and
+        an info vector: the summed worker stats, then (when `norms`) each layer's sum of
+        squares of the mean gradient within this slice. The info of an applied step stays
+        readable from here even if a worker is lost afterwards."""
         grad = self.assemble(num_workers, *parts, step=step)
-        squares = np.array([np.dot(grad[a:b], grad[a:b]) for _, a, b in self.layer_bounds] if norms else [])
+        squares = [np.dot(grad[a:b], grad[a:b]) for _, a, b in self.layer_bounds] if norms else []
+        worst = max(s[SECONDS] for s in parts[num_workers:])
         self.opt.step(self.w, grad, self.state, lr)
-        return self.w, squares
+        self.step = step
+        return self.w, np.concatenate([self.totals, [worst], squares])
 
     def snapshot(self):
         """Weights and optimizer state, for a checkpoint."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, cluster, data, nn, rundir
+from . import checkpoint, cluster, data, nn, rundir, sampling, schedule
 from .errors import DistbpError, TrainingError, UsageError
 from .job import job_error, job_hash, job_to_dict
 from .model import Model
@@ -28,6 +28,8 @@ class RunResult:
     final: dict = field(default_factory=dict)  # the last metrics row
     resumed_from: int | None = None
     already_finished: bool = False
+    replacements: int = 0  # workers or parameter actors replaced after failures
+    stopped_early: bool = False
 
 
 @dataclass
@@ -110,10 +112,6 @@ def _merge_summaries(job, prep, summaries):
     return classes, mean, std, n_train
 
 
-def _slices(num_params, servers):
-    return data.shard_ranges(num_params, servers)
-
-
 def _layer_bounds(spec, a, b):
     """[(layer, start, stop)] of each layer's part of slice [a, b), in slice coordinates."""
     out = []
@@ -124,6 +122,27 @@ def _layer_bounds(spec, a, b):
     return out
 
 
+@dataclass
+class _Step:
+    """One submitted step: the refs the driver reads when it records the step."""
+
+    step: int
+    lr: float
+    weights: list  # refs of the weights the step's forward pass used
+    info: list  # per parameter actor: summed stats, slowest compute, layer squares
+    val: list | None  # per worker: validation stats at `weights`
+    barrier: bool  # submit nothing after this step until it is recorded
+
+
+RECOVERABLE = ()  # filled in by _recoverable() once ray is imported
+
+
+def _recoverable():
+    import ray
+
+    return (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
+
+
 class Trainer:
     """One run of a job. `run()` returns a RunResult; errors are DistbpError subclasses."""
 
@@ -132,13 +151,16 @@ class Trainer:
         self.log = log or (lambda msg: None)
         self.on_step = on_step or (lambda row: None)
         self.out_dir = job.output_dir()
-        self.stop_requested = None  # set to a signal number to stop after the current step
+        self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
+        self.stop_requested = None  # a signal number: checkpoint after the current step and stop
+        self.replacements = 0  # workers and parameter actors replaced after a failure
+        self.workers, self.servers = [], []
 
     # -- set-up ------------------------------------------------------------------------
     def _start_checkpoint(self):
         if not self.resume:
             return None
-        ckpt = checkpoint.load_latest(os.path.join(self.out_dir, "checkpoints"), warn=self.log)
+        ckpt = checkpoint.load_latest(self.ckpt_dir, warn=self.log)
         if ckpt is None:
             raise UsageError(f"{self.out_dir}: --resume found no checkpoint to continue from")
         if ckpt.job_hash != job_hash(self.job):
@@ -146,46 +168,82 @@ class Trainer:
                 f"{self.out_dir}: the checkpoint of step {ckpt.step} belongs to a different job",
                 hint="only cluster.* and output.* may change on --resume; use --force to start over",
             )
+        if ckpt.workers and ckpt.workers != self.job.cluster.workers:
+            self.log(f"warning: resuming with {self.job.cluster.workers} workers instead of {ckpt.workers}: results will differ within float tolerance")
         return ckpt
 
-    def _start_actors(self, prep):
-        import ray
-
+    def _plans(self, prep):
         job, K = self.job, self.job.cluster.workers
         ranges = data.shard_ranges(prep.source.num_rows, K)
         val_ranges = [(0, 0)] * K
         if prep.validation_source is not None:
             n = prep.validation_source.num_rows
             val_ranges = [(n * k // K, n * (k + 1) // K) for k in range(K)]
-        slices = _slices(prep.spec.num_params, job.cluster.parameter_servers)
         fraction = job.data.validation if isinstance(job.data.validation, float) else None
-        worker_cls = ray.remote(ShardWorker).options(num_cpus=job.cluster.cpus_per_worker, scheduling_strategy="SPREAD", max_concurrency=1)
-        self.workers = [
-            worker_cls.remote(
-                ShardPlan(
-                    rank, prep.source, a, b, tuple(prep.features), tuple(prep.labels), job.data.task, prep.spec,
-                    job.cluster.chunk_rows, max(1, int(job.cluster.cpus_per_worker)), job.seed, job.data.on_nan,
-                    fraction, prep.validation_source, val_ranges[rank],
-                ),
-                slices,
+        batch = None if job.train.batch == "full" else int(job.train.batch)
+        return [
+            ShardPlan(
+                rank, prep.source, a, b, tuple(prep.features), tuple(prep.labels), job.data.task, prep.spec,
+                job.cluster.chunk_rows, max(1, int(job.cluster.cpus_per_worker)), job.seed, job.data.on_nan,
+                fraction, prep.validation_source, val_ranges[rank], batch,
             )
             for rank, (a, b) in enumerate(ranges)
         ]
-        self.slices = slices
-        return _get([w.load.remote() for w in self.workers])
 
-    def _start_servers(self, spec, params, opt_state):
+    def _new_worker(self, plan):
+        import ray
+
+        cls = ray.remote(ShardWorker).options(num_cpus=self.job.cluster.cpus_per_worker, scheduling_strategy="SPREAD")
+        return cls.remote(plan, self.slices)
+
+    def setup(self, prep, ckpt=None):
+        """Create the actors, load and check the shards, and start the parameter actors from
+        a fresh init or from `ckpt`. Needs Ray; touches nothing on disk."""
+        job, spec = self.job, prep.spec
+        self.spec = spec
+        self.slices = data.shard_ranges(spec.num_params, job.cluster.parameter_servers)
+        self.plans = self._plans(prep)
+        self.workers = [self._new_worker(plan) for plan in self.plans]
+        summaries = _get([w.load.remote() for w in self.workers])
+        self.classes, mean, std, self.n_train = _merge_summaries(job, prep, summaries)
+        offsets = np.cumsum([0] + [s["rows"]["train"] for s in summaries])
+        self.prepare_args = [(self.classes, mean, std, int(offsets[k]), self.n_train) for k in range(len(self.workers))]
+        rows = _get([w.prepare.remote(*args) for w, args in zip(self.workers, self.prepare_args)])
+        self.has_val = any(r.get("val", 0) for r in rows)
+        if job.train.early_stopping and not self.has_val:
+            raise job_error(job, "train.early_stopping", "needs validation rows (data.validation)")
+        batch = self.n_train if job.train.batch == "full" else int(job.train.batch)
+        self.total_steps = job.train.steps or job.train.epochs * sampling.steps_per_epoch(self.n_train, batch)
+        self.best = None  # early stopping: (value, step, weight refs or params)
+        if ckpt is not None:
+            if ckpt.params.shape != (spec.num_params,):
+                raise UsageError(f"{self.out_dir}: the checkpoint holds {ckpt.params.size} parameters, the model needs {spec.num_params}")
+            self._start_servers(ckpt.params, ckpt.opt_state, ckpt.step)
+            if ckpt.best is not None:
+                self.best = (ckpt.best[0], int(ckpt.best[1]), ckpt.best_params, int(ckpt.best[2]))
+        else:
+            self._start_servers(nn.init_params(spec, np.random.default_rng(job.seed)), None, 0)
+        classes = self.classes if job.data.task == "classification" else []
+        self.model = Model(spec, None, job.data.task, prep.features, prep.labels, classes, mean, std)
+
+    def _start_servers(self, params, opt_state, step):
         import ray
 
         opt = self.job.train.optimizer
         kwargs = dict(name=opt.name, momentum=opt.momentum, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps, weight_decay=opt.weight_decay)
-        server_cls = ray.remote(ParameterServer).options(num_cpus=0, resources=dict(self.job.cluster.parameter_resources) or None)
+        cls = ray.remote(ParameterServer).options(num_cpus=0, resources=dict(self.job.cluster.parameter_resources) or None)
         self.servers = [
-            server_cls.remote(params[a:b], kwargs, {k: v[a:b] if v.size == params.size else v for k, v in opt_state.items()} if opt_state else None, _layer_bounds(spec, a, b))
+            cls.remote(params[a:b], kwargs, _slice_state(opt_state, a, b, params.size), _layer_bounds(self.spec, a, b), step)
             for a, b in self.slices
         ]
 
-    # -- the loop ------------------------------------------------------------------------
+    def close(self):
+        """Stop this run's actors."""
+        for actor in self.workers + self.servers:
+            _kill(actor)
+        self.workers, self.servers = [], []
+
+    # -- the run -------------------------------------------------------------------------
     def run(self):
         job = self.job
         rundir.check_free(self.out_dir, self.resume, self.force)
@@ -198,7 +256,19 @@ class Trainer:
         started = cluster.connect(job.cluster.address, job.cluster.workers * job.cluster.cpus_per_worker, job.cluster.connect_timeout_s)
         try:
             cluster.check_capacity(job.cluster.workers, job.cluster.cpus_per_worker)
-            return self._run(prep, ckpt)
+            t_setup = time.perf_counter()
+            self.setup(prep, ckpt)
+            # From here on the run folder changes: every check above has passed.
+            if self.force:
+                rundir.clear(self.out_dir)
+            rundir.write_job(self.out_dir, job_to_dict(job, resolve_paths=True))
+            self.log(f"setup: {len(self.workers)} workers, {self.n_train} training rows, {self.spec.num_params} parameters, {time.perf_counter() - t_setup:.1f} s")
+            self.resumed_from = ckpt.step if ckpt else None
+            self.metrics = self._open_metrics(self.resumed_from)
+            try:
+                return self._loop(ckpt.step + 1 if ckpt else 1)
+            finally:
+                self.metrics.close()
         finally:
             self.close()
             if started:
@@ -206,112 +276,232 @@ class Trainer:
 
                 ray.shutdown()
 
-    def setup(self, prep, ckpt=None):
-        """Create the actors, load and check the shards, and start the parameter actors from
-        a fresh init or from `ckpt`. Needs Ray; touches nothing on disk."""
-        job, spec = self.job, prep.spec
-        summaries = self._start_actors(prep)
-        classes, mean, std, self.n_train = _merge_summaries(job, prep, summaries)
-        rows = _get([w.prepare.remote(classes, mean, std) for w in self.workers])
-        self.has_val = any(r.get("val", 0) for r in rows)
-        if ckpt is not None:
-            params, opt_state = ckpt.params, ckpt.opt_state
-            if params.shape != (spec.num_params,):
-                raise UsageError(f"{self.out_dir}: the checkpoint holds {params.size} parameters, the model needs {spec.num_params}")
-        else:
-            params, opt_state = nn.init_params(spec, np.random.default_rng(job.seed)), None
-        self._start_servers(spec, params, opt_state)
-        classes = classes if job.data.task == "classification" else []
-        self.model = Model(spec, params, job.data.task, prep.features, prep.labels, classes, mean, std)
-
-    def close(self):
-        """Stop this run's actors."""
-        for actor in getattr(self, "workers", []) + getattr(self, "servers", []):
-            _kill(actor)
-        self.workers, self.servers = [], []
-
-    def _run(self, prep, ckpt):
-        job, spec = self.job, prep.spec
-        t_setup = time.perf_counter()
-        self.setup(prep, ckpt)
-        # From here on the run folder changes: every check above has passed.
-        if self.force:
-            rundir.clear(self.out_dir)
-        rundir.write_job(self.out_dir, job_to_dict(job, resolve_paths=True))
-        L, task = spec.num_layers, job.data.task
+    def _open_metrics(self, keep_until_step):
+        L, task = self.spec.num_layers, self.job.data.task
         columns = ["step", "loss"] + (["accuracy"] if task == "classification" else []) + ["seconds", "lr"]
         if self.has_val:
             columns += ["val_loss"] + (["val_accuracy"] if task == "classification" else [])
         columns += [f"grad_norm_{l}" for l in range(1, L + 1)] + [f"delta_mean_{l}" for l in range(1, L + 1)]
-        metrics = rundir.MetricsWriter(os.path.join(self.out_dir, "metrics.csv"), columns, ckpt.step if ckpt else None)
-        self.log(f"setup: {len(self.workers)} workers, {self.n_train} training rows, {spec.num_params} parameters, {time.perf_counter() - t_setup:.1f} s")
-        try:
-            return self._loop(spec, ckpt.step + 1 if ckpt else 1, metrics, self.has_val, ckpt)
-        finally:
-            metrics.close()
+        return rundir.MetricsWriter(os.path.join(self.out_dir, "metrics.csv"), columns, keep_until_step)
 
-    def _loop(self, spec, first, metrics, has_val, ckpt):
+    def _submit(self, step, weights):
         job, K, S = self.job, len(self.workers), len(self.servers)
-        steps, ckpt_dir = job.train.steps, os.path.join(self.out_dir, "checkpoints")
-        w_refs = [s.weights.remote() for s in self.servers]
-        inflight, last_row, last_ckpt = deque(), {}, None
-        t0 = time.perf_counter() - metrics.last_seconds
-        for step in range(first, steps + 1):
-            evaluate = step % job.train.eval_every == 0 or step == steps
-            lr = job.train.optimizer.lr
-            outs = [w.compute.options(num_returns=S + 1).remote(step, evaluate, *w_refs) for w in self.workers]
-            stats = [o[S] for o in outs]
-            val = [w.evaluate.remote(*w_refs) for w in self.workers] if evaluate and has_val else None
-            applied = [
-                s.apply.options(num_returns=2).remote(step, lr, K, evaluate, *[o[i] for o in outs], *stats)
-                for i, s in enumerate(self.servers)
-            ]
-            w_refs = [a[0] for a in applied]
-            inflight.append((step, lr, stats, val, [a[1] for a in applied] if evaluate else None))
-            save = step % job.train.checkpoint_every == 0 or step == steps or self.stop_requested
-            while inflight and (len(inflight) > MAX_STEPS_IN_FLIGHT or save):
-                last_row = self._record(spec, inflight.popleft(), metrics, t0)
-            if save:
-                snaps = _get([s.snapshot.remote() for s in self.servers])
-                params = np.concatenate([s["params"] for s in snaps])
-                names = [k for k in snaps[0] if k.startswith("opt_")]
-                opt_state = {k[4:]: np.concatenate([s[k] for s in snaps]) if snaps[0][k].size > 1 or S == 1 else snaps[0][k] for k in names}
-                done = step == steps
-                last_ckpt = checkpoint.save(ckpt_dir, checkpoint.Checkpoint(step, params, opt_state, job_hash(job), job.seed, done), job.train.keep_checkpoints)
-                if done:
-                    self.model.params = params
-                    self.model.save(os.path.join(self.out_dir, "model.npz"))
-                if self.stop_requested and not done:
-                    raise Interrupted(self.stop_requested, step, last_ckpt)
-        return RunResult(self.out_dir, os.path.join(self.out_dir, "model.npz"), last_ckpt, steps, last_row, ckpt.step if ckpt else None)
+        evaluate = step % job.train.eval_every == 0 or step == self.total_steps
+        lr = schedule.learning_rate(step, job.train.optimizer.lr, job.train.schedule, self.total_steps)
+        outs = [w.compute.options(num_returns=S + 1).remote(step, evaluate, *weights) for w in self.workers]
+        stats = [o[S] for o in outs]
+        val = [w.evaluate.remote(*weights) for w in self.workers] if evaluate and self.has_val else None
+        applied = [
+            s.apply.options(num_returns=2).remote(step, lr, K, evaluate, *[o[i] for o in outs], *stats)
+            for i, s in enumerate(self.servers)
+        ]
+        barrier = (
+            step % job.train.checkpoint_every == 0
+            or step == self.total_steps
+            or bool(self.stop_requested)
+            or (evaluate and job.train.early_stopping is not None)
+        )
+        return _Step(step, lr, weights, [a[1] for a in applied], val, barrier), [a[0] for a in applied]
 
-    def _record(self, spec, entry, metrics, t0):
-        step, lr, stats_refs, val_refs, norm_refs = entry
-        totals = np.sum(_get(stats_refs), axis=0)
+    def _loop(self, first):
+        job = self.job
+        weights = [s.weights.remote() for s in self.servers]
+        inflight, step, last_row = deque(), first, {}
+        self.t0 = time.perf_counter() - self.metrics.last_seconds
+        stop_at = None  # a step after which the run ends early (signal or early stopping)
+        while True:
+            try:
+                while step <= self.total_steps and stop_at is None and len(inflight) < MAX_STEPS_IN_FLIGHT and not (inflight and inflight[-1].barrier):
+                    entry, weights = self._submit(step, weights)
+                    inflight.append(entry)
+                    step += 1
+                if not inflight:
+                    break
+                entry = inflight[0]
+                last_row = self._record(entry)
+                inflight.popleft()
+            except _recoverable() as err:
+                step = self._recover(err)
+                inflight.clear()
+                weights = [s.weights.remote() for s in self.servers]
+                continue
+            if stop_at is None and (self._early_stop(entry, last_row) or self.stop_requested):
+                stop_at = entry.step
+            at_end = entry.step == self.total_steps or (stop_at is not None and not inflight)
+            if (at_end or entry.step % job.train.checkpoint_every == 0) and not inflight:
+                early = stop_at is not None and not self.stop_requested
+                path = self._checkpoint(entry.step, done=entry.step == self.total_steps or early)
+                if entry.step == self.total_steps or early:
+                    self._write_model()
+                    return RunResult(
+                        self.out_dir, os.path.join(self.out_dir, "model.npz"), path, entry.step, last_row,
+                        resumed_from=self.resumed_from, replacements=self.replacements, stopped_early=early,
+                    )
+                if self.stop_requested:
+                    raise Interrupted(self.stop_requested, entry.step, path)
+        raise TrainingError("the step loop ended without finishing")  # unreachable by design
+
+    def _early_stop(self, entry, row):
+        rule = self.job.train.early_stopping
+        if rule is None or row.get("val_loss") is None:
+            return False
+        value = row["val_loss"] if rule.metric == "val_loss" else -row["val_accuracy"]
+        if self.best is None or value < self.best[0] - rule.min_delta:
+            self.best = (value, entry.step, entry.weights, 0)
+            return False
+        self.best = (*self.best[:3], self.best[3] + 1)
+        if self.best[3] >= rule.patience:
+            self.log(f"early stopping at step {entry.step}: best {rule.metric} at step {self.best[1]}")
+            return True
+        return False
+
+    def _best_params(self):
+        refs = self.best[2]
+        return refs if isinstance(refs, np.ndarray) else np.concatenate(_get(refs))
+
+    def _checkpoint(self, step, done):
+        snaps = _get([s.snapshot.remote() for s in self.servers])
+        params = np.concatenate([s["params"] for s in snaps])
+        opt_state = _join_state([{k[4:]: v for k, v in s.items() if k.startswith("opt_")} for s in snaps], params.size)
+        best = best_params = None
+        if self.best is not None:
+            best, best_params = np.array([self.best[0], self.best[1], self.best[3]]), self._best_params()
+        self.final_params = params
+        ckpt = checkpoint.Checkpoint(step, params, opt_state, job_hash(self.job), self.job.seed, done, self.job.cluster.workers, best, best_params)
+        return checkpoint.save(self.ckpt_dir, ckpt, self.job.train.keep_checkpoints)
+
+    def _write_model(self):
+        """model.npz: the best validation weights under early stopping, else the last."""
+        self.model.params = self._best_params() if self.job.train.early_stopping and self.best else self.final_params
+        self.model.save(os.path.join(self.out_dir, "model.npz"))
+
+    def _record(self, entry):
+        """Read a finished step's sums (small arrays only) and write its metrics row."""
+        spec, L = self.spec, self.spec.num_layers
+        infos = _get(entry.info)
+        totals = infos[0]
         n = totals[COUNT]
-        row = {"step": step, "loss": totals[LOSS] / n, "seconds": round(time.perf_counter() - t0, 4), "lr": lr}
+        row = {"step": entry.step, "loss": totals[LOSS] / n, "seconds": round(time.perf_counter() - self.t0, 4), "lr": entry.lr}
         if self.job.data.task == "classification":
             row["accuracy"] = totals[CORRECT] / n
-        row["compute_sec"] = max(s[SECONDS] for s in _get(stats_refs))
-        if val_refs is not None:
-            v = np.sum(_get(val_refs), axis=0)
+        row["compute_sec"] = infos[0][DELTAS + L]
+        if entry.val is not None:
+            v = np.sum(_get(entry.val), axis=0)
             row["val_loss"] = v[LOSS] / v[COUNT] if v[COUNT] else None
             if self.job.data.task == "classification":
                 row["val_accuracy"] = v[CORRECT] / v[COUNT] if v[COUNT] else None
-        if norm_refs is not None:
-            squares = np.zeros(spec.num_layers)
-            for server_squares, (a, b) in zip(_get(norm_refs), self.slices):
-                for (l, _, _), sq in zip(_layer_bounds(spec, a, b), server_squares):
-                    squares[l] += sq
-            widths = np.array(spec.layers[1:])
-            for l in range(spec.num_layers):
+        squares = np.zeros(L)
+        for info, (a, b) in zip(infos, self.slices):
+            for (l, _, _), sq in zip(_layer_bounds(spec, a, b), info[DELTAS + L + 1 :]):
+                squares[l] += sq
+        if len(infos[0]) > DELTAS + L + 1:
+            for l in range(L):
                 row[f"grad_norm_{l + 1}"] = float(np.sqrt(squares[l]))
-                row[f"delta_mean_{l + 1}"] = float(totals[DELTAS + l] / (n * widths[l]))
-        if not np.isfinite(row["loss"]):
-            raise TrainingError(f"training diverged at step {step}: the loss is {row['loss']}", hint="lower train.optimizer.lr")
-        metrics.write(row)
+                row[f"delta_mean_{l + 1}"] = float(totals[DELTAS + l] / (n * spec.layers[l + 1]))
+        self.metrics.write(row)
         self.on_step(row)
         return row
+
+    # -- failures ------------------------------------------------------------------------
+    def _dead(self, actors):
+        import ray
+
+        dead = []
+        for i, actor in enumerate(actors):
+            try:
+                ray.get(actor.ping.remote(), timeout=60)
+            except _recoverable():
+                dead.append(i)
+            except ray.exceptions.GetTimeoutError:
+                dead.append(i)
+        return dead
+
+    def _count_failure(self, what):
+        self.replacements += 1
+        limit = self.job.cluster.max_failures
+        if self.replacements > limit:
+            raise TrainingError(
+                f"{what}: more than cluster.max_failures ({limit}) failures in this run; stopping",
+                hint=f"checkpoints are kept in {self.ckpt_dir}; continue with --resume",
+            )
+
+    def _recover(self, err):
+        """Replace lost workers (they re-read their shards) and, if a parameter actor was
+        lost, restore all of them from the newest checkpoint. Returns the step to redo."""
+        import ray
+
+        first = getattr(err, "__class__", type(err)).__name__
+        dead_servers = self._dead(self.servers)
+        dead_workers = self._dead(self.workers)
+        if not dead_servers and not dead_workers:
+            raise err  # nothing was lost: a real error, not a failure to recover from
+        for k in dead_workers:
+            self._count_failure(f"worker {k} lost ({first})")
+            self.log(f"worker {k} lost; starting a replacement ({self.replacements} of at most {self.job.cluster.max_failures})")
+            worker = self._new_worker(self.plans[k])
+            try:
+                ray.get(worker.load.remote(), timeout=self.job.cluster.wait_for_nodes_s + 60)
+                ray.get(worker.prepare.remote(*self.prepare_args[k]))
+            except ray.exceptions.GetTimeoutError:
+                _kill(worker)
+                self._save_before_giving_up(dead_servers)
+                raise TrainingError(
+                    f"no capacity for a replacement of worker {k} within cluster.wait_for_nodes_s ({self.job.cluster.wait_for_nodes_s:g} s)",
+                    hint=f"add nodes, or continue with fewer workers: distbp run JOB --resume --workers {len(self.workers) - 1}",
+                ) from None
+            self.workers[k] = worker
+        steps = set(ray.get([s.applied_step.remote() for i, s in enumerate(self.servers) if i not in dead_servers]))
+        if dead_servers or len(steps) > 1:
+            self._count_failure(f"parameter actor lost ({first})")
+            return self._restore_servers()
+        (applied,) = steps
+        self.log(f"recovered: redoing from step {applied + 1}")
+        self._reopen_metrics(applied)
+        return applied + 1
+
+    def _save_before_giving_up(self, dead_servers):
+        if not dead_servers:
+            try:
+                step = _get(self.servers[0].applied_step.remote())
+                self._reopen_metrics(step)
+                self._checkpoint(step, False)
+            except Exception:  # keep the checkpoints already there
+                pass
+
+    def _restore_servers(self):
+        for s in self.servers:
+            _kill(s)
+        ckpt = checkpoint.load_latest(self.ckpt_dir, warn=self.log)
+        if ckpt is None:
+            params, opt_state, step = nn.init_params(self.spec, np.random.default_rng(self.job.seed)), None, 0
+        else:
+            params, opt_state, step = ckpt.params, ckpt.opt_state, ckpt.step
+            if ckpt.best is not None:
+                self.best = (ckpt.best[0], int(ckpt.best[1]), ckpt.best_params, int(ckpt.best[2]))
+        if ckpt is None:
+            self.best = None
+        self._start_servers(params, opt_state, step)
+        self.log(f"parameter actors restored from step {step}; replaying from step {step + 1}")
+        self._reopen_metrics(step)
+        return step + 1
+
+    def _reopen_metrics(self, keep_until_step):
+        self.metrics.close()
+        self.metrics = self._open_metrics(keep_until_step)
+
+
+def _slice_state(opt_state, a, b, size):
+    """The part of a flat optimizer state that belongs to slice [a, b); scalars whole."""
+    if opt_state is None:
+        return None
+    return {k: v[a:b] if v.size == size else v for k, v in opt_state.items()}
+
+
+def _join_state(states, size):
+    """The inverse of _slice_state: slices concatenated, scalars (same on every actor) once."""
+    names = states[0].keys()
+    joined = {k: np.concatenate([s[k] for s in states]) for k in names}
+    return {k: (v if v.size == size else states[0][k]) for k, v in joined.items()}
 
 
 class Interrupted(DistbpError):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import data, nn
+from . import data, nn, sampling
 
 # stats vector a worker returns with each gradient: sums that add across workers
 LOSS, COUNT, CORRECT, SECONDS = 0, 1, 2, 3
@@ -34,6 +34,7 @@ class ShardPlan:
     validation_fraction: float | None = None
     validation_source: object = None  # a separate validation TableSource, sharded the same way
     validation_range: tuple = (0, 0)
+    batch: int | None = None  # global mini-batch size; None = full batch
 
 
 class ShardWorker:
@@ -47,6 +48,9 @@ class ShardWorker:
         self.raw = {}
         self.workspace = None
         self.weights = np.empty(plan.spec.num_params, plan.spec.np_dtype)
+
+    def ping(self):
+        return True
 
     def where(self):
         import ray
@@ -86,9 +90,12 @@ class ShardWorker:
         summary["moments"] = data.shard_moments(self.raw["train"][1])
         return summary
 
-    def prepare(self, classes, mean, std):
-        """Standardise, cast to the model dtype and encode targets; drop the raw table."""
+    def prepare(self, classes, mean, std, offset=0, n_train=0):
+        """Standardise, cast to the model dtype and encode targets; drop the raw table.
+        `offset` is the ordinal of this shard's first training row among all training rows
+        (n_train of them), which is how mini-batches are split between workers."""
         p, dtype = self.plan, self.plan.spec.np_dtype
+        self.offset, self.n_train = offset, n_train
         self.sets = {}
         for name, (tab, x) in self.raw.items():
             if mean is not None:
@@ -111,8 +118,19 @@ class ShardWorker:
             self.weights[a:b] = part
         return self.weights
 
-    def _run(self, name, weights, track_deltas):
-        x, y = self.sets.get(name, (np.empty((0, 0)), np.empty(0)))
+    def _rows(self, name, step):
+        """(x, y) of this worker's rows in step `step`: all of them for the full batch, else
+        the rows of the step's global mini-batch that fall in this shard."""
+        x, y = self.sets.get(name, (np.empty((0, self.plan.spec.layers[0])), np.empty(0, np.int64)))
+        if name != "train" or self.plan.batch is None:
+            return x, y
+        epoch, index = sampling.epoch_and_index(step, self.n_train, self.plan.batch)
+        ordinals = sampling.batch_ordinals(self.plan.seed, epoch, index, self.plan.batch, self.n_train)
+        rows = sampling.in_range(ordinals, self.offset, self.offset + len(x)) - self.offset
+        return x[rows], y[rows]
+
+    def _run(self, name, weights, track_deltas, step=None):
+        x, y = self._rows(name, step)
         start = time.perf_counter()
         result = nn.grad_rows(self.plan.spec, self._params(weights), x, y, self.plan.chunk_rows, self.workspace, track_deltas)
         stats = np.empty(DELTAS + self.plan.spec.num_layers)
@@ -123,7 +141,7 @@ class ShardWorker:
     def compute(self, step, track_deltas, *weights):
         """Gradient sums of this shard at `weights` (one array per parameter actor).
         Returns S gradient slices, one per parameter actor, then the stats vector."""
-        grad, stats = self._run("train", weights, track_deltas)
+        grad, stats = self._run("train", weights, track_deltas, step)
         return (*(grad[a:b] for a, b in self.slices), stats)
 
     def evaluate(self, *weights):

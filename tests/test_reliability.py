@@ -1,0 +1,146 @@
+"""Failures, interruptions and divergence: the run survives, or stops cleanly, without losing work."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from distbp import checkpoint
+from distbp.api import load
+from distbp.cli import main
+from distbp.trainer import Trainer
+
+from conftest import model_arrays
+
+DRIVER = Path(__file__).with_name("cluster_driver.py")
+CLUSTER_JOB = dict(rows=400, train={"steps": 30, "optimizer": {"name": "adam", "lr": 0.01}, "checkpoint_every": 10})
+
+
+def same_weights(a, b):
+    a, b = model_arrays(a), model_arrays(b)
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def on_cluster(job, out, *args):
+    """Run `job` on a fresh 3-node loopback cluster in a subprocess; returns its JSON report."""
+    env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent)}
+    proc = subprocess.run([sys.executable, str(DRIVER), str(job), str(out), *args], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.fixture
+def baseline(ray_session, make_job, tmp_path):
+    """The cluster job run once without any failure, on the session's embedded Ray."""
+    job = make_job(name="cl", **CLUSTER_JOB)
+    return job, Trainer(load(job, [f"output.dir={tmp_path / 'baseline'}"])).run().model_path
+
+
+def test_killed_worker_process_is_replaced_and_weights_are_bit_identical(baseline, tmp_path):
+    job, want = baseline
+    report = on_cluster(job, tmp_path / "killed", "--kill-worker-at", "12")
+    assert report["killed"] and report["killed"][0][0] == "worker"
+    assert report["replacements"] == 1  # the failure was seen and handled, not missed
+    assert same_weights(report["model"], want)
+
+
+def test_lost_node_is_survived_and_weights_are_bit_identical(baseline, tmp_path):
+    job, want = baseline
+    report = on_cluster(job, tmp_path / "node", "--remove-node-at", "8", "--nodes", "4")
+    assert report["killed"][0][0] == "node" and report["replacements"] == 1
+    assert same_weights(report["model"], want)
+
+
+def test_killed_parameter_actor_is_restored_from_checkpoint(baseline, tmp_path):
+    job, want = baseline
+    report = on_cluster(job, tmp_path / "server", "--kill-server-at", "15")
+    assert report["killed"] == [["server", 0]] and report["replacements"] == 1
+    assert same_weights(report["model"], want)
+    rows = (tmp_path / "server" / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 31))  # replayed steps not doubled
+
+
+def test_too_many_failures_stop_with_a_clear_message(baseline, tmp_path):
+    job, _ = baseline
+    env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), str(job), str(tmp_path / "max"), "--kill-worker-at", "12", "--set", "cluster.max_failures=0"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode != 0
+    assert "more than cluster.max_failures (0) failures" in proc.stderr
+    assert checkpoint.list_steps(tmp_path / "max" / "checkpoints") == [10]  # kept
+
+
+def wait_for_rows(metrics, rows, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > rows:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError("the run did not get going")
+
+
+def test_sigint_checkpoints_and_resume_is_bit_identical(ray_session, make_job, tmp_path):
+    job = make_job(name="int", rows=300, train={"steps": 300, "checkpoint_every": 1000, "optimizer": {"name": "adam", "lr": 0.01}})
+    want = Trainer(load(job, [f"output.dir={tmp_path / 'whole'}"])).run().model_path
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    cmd = [sys.executable, "-m", "distbp", "run", str(job), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(tmp_path / "runs" / "int" / "metrics.csv", 20, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped by signal 2 after step" in err and "--resume" in err
+    steps = checkpoint.list_steps(tmp_path / "runs" / "int" / "checkpoints")
+    assert len(steps) == 1 and 20 <= steps[0] < 300
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_weights(tmp_path / "runs" / "int" / "model.npz", want)
+    rows = (tmp_path / "runs" / "int" / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 301))
+    again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_resume_without_checkpoint_exits_2(make_job, tmp_path):
+    job = make_job(name="none", rows=50)
+    (tmp_path / "runs" / "none").mkdir(parents=True)
+    result = CliRunner().invoke(main, ["run", str(job), "--resume", "--quiet"])
+    assert result.exit_code == 2 and "no checkpoint" in result.output
+
+
+def test_corrupt_newest_checkpoint_is_skipped_and_another_job_is_refused(ray_session, make_job, tmp_path):
+    job = make_job(name="ck", rows=100, train={"steps": 9, "checkpoint_every": 3})
+    out = tmp_path / "runs" / "ck"
+    first = model_arrays(Trainer(load(job)).run().model_path)  # checkpoints at 3, 6 and 9
+    (out / "checkpoints" / "step-000000009.npz").write_bytes(b"not a zip")
+    warnings = []
+    result = Trainer(load(job), resume=True, log=warnings.append).run()
+    assert any("skipping" in w and "step-000000009" in w for w in warnings)
+    assert result.resumed_from == 6 and result.steps == 9
+    again = model_arrays(result.model_path)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    other = make_job(name="ck", rows=100, model={"layers": [2, 5, 3]})
+    refused = CliRunner().invoke(main, ["run", str(other), "--resume", "--quiet"])
+    assert refused.exit_code == 2 and "different job" in refused.output
+
+
+def test_divergence_stops_at_the_step_and_keeps_the_good_model(ray_session, make_job, tmp_path):
+    job = make_job(name="div", rows=100, model={"activation": "relu", "dtype": "float32"}, train={"steps": 40, "optimizer": {"name": "sgd", "lr": 1e30}})
+    result = CliRunner().invoke(main, ["run", str(job), "--quiet"])
+    assert result.exit_code == 1, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "diverged at step" in line and "lower train.optimizer.lr" in line
+    assert not (tmp_path / "runs" / "div" / "model.npz").exists()
+    for step in checkpoint.list_steps(str(tmp_path / "runs" / "div" / "checkpoints")):
+        params = checkpoint.load(str(tmp_path / "runs" / "div" / "checkpoints" / f"step-{step:09d}.npz")).params
+        assert np.all(np.isfinite(params))
