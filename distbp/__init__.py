@@ -1,3 +1,23 @@
-"""distbp: data-parallel backpropagation for fully connected networks on Ray."""
+"""distbp: data-parallel backpropagation for fully connected networks on Ray.
+
+    import distbp
+    result = distbp.train("jobs/spirals.yaml", train__steps=200)   # or a dict or a Job
+    model = distbp.load_model(result.model_path)
+    model.predict(X), model.predict_proba(X)
+"""
 
 __version__ = "0.1.0"
+__all__ = ["train", "load_model"]
+
+
+def __getattr__(name):
+    # Imported on first use, so `import distbp.nn` stays free of ray and pyarrow.
+    if name == "train":
+        from .api import train
+
+        return train
+    if name == "load_model":
+        from .model import load_model
+
+        return load_model
+    raise AttributeError(f"module 'distbp' has no attribute {name!r}")

@@ -76,7 +76,11 @@ def run(job_file, workers, address, out_dir, resume, force, sets, quiet, dry_run
     final = result.final
     acc = f", accuracy {final['accuracy']:.4f}" if "accuracy" in final else ""
     val = f", val_loss {final['val_loss']:.4f}" if final.get("val_loss") is not None else ""
-    click.echo(f"done: {result.steps} steps in {final.get('seconds', 0):.1f} s, loss {final.get('loss', float('nan')):.4f}{acc}{val} -> {result.model_path}")
+    val += f", val_accuracy {final['val_accuracy']:.4f}" if final.get("val_accuracy") is not None else ""
+    early = " (early stop)" if result.stopped_early else ""
+    click.echo(f"done: {result.steps} steps{early} in {final.get('seconds', 0):.1f} s, loss {final.get('loss', float('nan')):.4f}{acc}{val} -> {result.model_path}")
+    if result.plot_path:
+        click.echo(f"plot: {result.plot_path}")
 
 
 def _run_with_progress(job, resume, force, quiet):
@@ -130,6 +134,17 @@ def gradcheck(job_file, sets):
         click.echo(f"error: gradcheck failed: relative error {worst:.2e} > {TOLERANCE:g}", err=True)
         sys.exit(1)
     click.echo(f"ok: max relative error {worst:.2e} <= {TOLERANCE:g}")
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.option("-o", "--out", "out_path", help="PNG file (default RUN_DIR/plot.png).")
+@one_line_errors
+def plot(run_dir, out_path):
+    """Draw the loss, accuracy and per-layer gradient curves of a run."""
+    from .plot import plot_run
+
+    click.echo(f"plot: {plot_run(run_dir, out_path)}")
 
 
 @main.command("eval")

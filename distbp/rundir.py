@@ -65,4 +65,5 @@ class MetricsWriter:
         self.file.flush()
 
     def close(self):
-        self.file.close()
+        if not self.file.closed:
+            self.file.close()

@@ -30,6 +30,27 @@ class RunResult:
     already_finished: bool = False
     replacements: int = 0  # workers or parameter actors replaced after failures
     stopped_early: bool = False
+    plot_path: str | None = None
+
+    @property
+    def metrics_path(self):
+        return os.path.join(self.out_dir, "metrics.csv")
+
+    @property
+    def metrics(self):
+        """metrics.csv as a pyarrow Table."""
+        import pyarrow.csv
+
+        return pyarrow.csv.read_csv(self.metrics_path)
+
+    @property
+    def metrics_df(self):
+        """metrics.csv as a pandas DataFrame, or None when pandas is not installed."""
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            return None
+        return self.metrics.to_pandas()
 
 
 @dataclass
@@ -333,9 +354,11 @@ class Trainer:
                 path = self._checkpoint(entry.step, done=entry.step == self.total_steps or early)
                 if entry.step == self.total_steps or early:
                     self._write_model()
+                    self.metrics.close()
                     return RunResult(
                         self.out_dir, os.path.join(self.out_dir, "model.npz"), path, entry.step, last_row,
                         resumed_from=self.resumed_from, replacements=self.replacements, stopped_early=early,
+                        plot_path=self._plot(),
                     )
                 if self.stop_requested:
                     raise Interrupted(self.stop_requested, entry.step, path)
@@ -369,6 +392,16 @@ class Trainer:
         self.final_params = params
         ckpt = checkpoint.Checkpoint(step, params, opt_state, job_hash(self.job), self.job.seed, done, self.job.cluster.workers, best, best_params)
         return checkpoint.save(self.ckpt_dir, ckpt, self.job.train.keep_checkpoints)
+
+    def _plot(self):
+        """plot.png of the run's curves, when matplotlib is installed."""
+        from .plot import plot_run
+
+        try:
+            return plot_run(self.out_dir)
+        except UsageError as err:
+            self.log(f"no plot: {err}")
+            return None
 
     def _write_model(self):
         """model.npz: the best validation weights under early stopping, else the last."""

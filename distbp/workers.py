@@ -118,15 +118,24 @@ class ShardWorker:
             self.weights[a:b] = part
         return self.weights
 
+    def batch_rows(self, step):
+        """Ordinals (among all training rows) of this worker's rows in step `step`."""
+        if self.plan.batch is None:
+            return np.arange(self.offset, self.offset + len(self.sets["train"][0]))
+        return self._ordinals(step)
+
+    def _ordinals(self, step):
+        epoch, index = sampling.epoch_and_index(step, self.n_train, self.plan.batch)
+        ordinals = sampling.batch_ordinals(self.plan.seed, epoch, index, self.plan.batch, self.n_train)
+        return sampling.in_range(ordinals, self.offset, self.offset + len(self.sets["train"][0]))
+
     def _rows(self, name, step):
         """(x, y) of this worker's rows in step `step`: all of them for the full batch, else
         the rows of the step's global mini-batch that fall in this shard."""
         x, y = self.sets.get(name, (np.empty((0, self.plan.spec.layers[0])), np.empty(0, np.int64)))
         if name != "train" or self.plan.batch is None:
             return x, y
-        epoch, index = sampling.epoch_and_index(step, self.n_train, self.plan.batch)
-        ordinals = sampling.batch_ordinals(self.plan.seed, epoch, index, self.plan.batch, self.n_train)
-        rows = sampling.in_range(ordinals, self.offset, self.offset + len(x)) - self.offset
+        rows = self._ordinals(step) - self.offset
         return x[rows], y[rows]
 
     def _run(self, name, weights, track_deltas, step=None):
