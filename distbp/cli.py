@@ -36,7 +36,51 @@ def one_line_errors(fn):
     return wrapper
 
 
-@click.group()
+class _UsageLine(click.ClickException):
+    """A click usage error (bad option, missing argument, bad value) as one line, exit 2."""
+
+    exit_code = 2
+
+    def __init__(self, err):
+        where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+        super().__init__(" ".join(f"{err.format_message()}{where}".split()))
+
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+_SHOWS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # `distbp` alone prints the help
+
+
+def _one_line(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except click.UsageError as err:
+            if isinstance(err, _SHOWS_HELP):
+                raise
+            raise _UsageLine(err) from None
+
+    return wrapper
+
+
+class _OneLineCommand(click.Command):
+    make_context = _one_line(click.Command.make_context)
+
+
+class _OneLineGroup(click.Group):
+    """Click's own usage errors, here and in every subcommand, print one line like ours."""
+
+    command_class = _OneLineCommand
+    make_context = _one_line(click.Group.make_context)
+    invoke = _one_line(click.Group.invoke)  # resolves and parses the subcommand
+
+
+_OneLineGroup.group_class = _OneLineGroup
+
+
+@click.group(cls=_OneLineGroup)
 @click.version_option(package_name="distbp")
 def main():
     """distbp: data-parallel backpropagation for fully connected networks on Ray."""
@@ -174,6 +218,26 @@ def predict(model_path, data_path, out_path):
 
     rows = api.predict_file(model_path, data_path, out_path)
     click.echo(f"wrote {rows} predictions -> {out_path}")
+
+
+@main.command()
+@click.argument("job_file", metavar="[JOB]", required=False)
+@click.option("--workload", type=click.Choice(["teacher", "tiny", "wide"]), default="teacher", show_default=True)
+@click.option("--max-workers", type=int, default=2, show_default=True, help="Time 1..N workers, 1 BLAS thread each.")
+@click.option("--steps", type=int, default=10, show_default=True, help="Timed steps per point (after warm-up).")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--parameter-servers", type=int, default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (DESIGN section 6).")
+@one_line_errors
+def bench(job_file, workload, max_workers, steps, warmup, parameter_servers, as_json):
+    """Time per step against the matrix-product ceiling: one process and 1..N Ray workers."""
+    from . import bench as bench_mod
+    from .cluster import choose_mode
+
+    choose_mode(None)  # embedded, loopback-only Ray for every point
+    log = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
+    report = bench_mod.run(workload, job_file, max_workers, steps, warmup, parameter_servers, log)
+    click.echo(bench_mod.to_json(report) if as_json else bench_mod.table(report))
 
 
 @main.group("data")

@@ -52,6 +52,12 @@ class ShardWorker:
     def ping(self):
         return True
 
+    def peak_rss_mb(self):
+        """This worker process's peak resident memory, in MB."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     def where(self):
         import ray
 

@@ -1,0 +1,230 @@
+"""`distbp bench`: time per step against the matrix-product ceiling, one process and 1..K
+Ray workers, measured side by side in one run (DESIGN section 6).
+
+The ceiling of a step is the time of the products it really needs at the workload's shapes:
+every layer's forward product and weight-gradient product, and the input-gradient product of
+every layer but the first, timed here with numpy's BLAS. GFLOP/s use the nominal 6 * N * P.
+"""
+
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from . import nn
+
+WORKLOADS = {
+    "teacher": dict(layers=(784, 256, 128, 10), rows=60_000, dtype="float32", activation="tanh", output="softmax", loss="cross_entropy"),
+    "tiny": dict(layers=(2, 16, 16, 1), rows=256, dtype="float64", activation="tanh", output="sigmoid", loss="binary_cross_entropy"),
+    "wide": dict(layers=(2048, 2048, 2048, 10), rows=8_192, dtype="float32", activation="tanh", output="softmax", loss="cross_entropy"),
+}
+
+
+def _spec(w):
+    return nn.Spec(w["layers"], w["activation"], w["output"], w["loss"], "xavier", w["dtype"])
+
+
+def ceiling_sec(spec, rows, threads, repeats=5, chunk_rows=None):
+    """Median time of the step's matrix products at its shapes, with `threads` BLAS threads."""
+    dt, widths = spec.np_dtype, spec.layers
+    m = min(rows, chunk_rows or rows)
+    rng = np.random.default_rng(0)
+    acts = [rng.standard_normal((m, n)).astype(dt) for n in widths]  # a_0..a_L
+    deltas = [rng.standard_normal((m, n)).astype(dt) for n in widths]
+    weights = [rng.standard_normal((a, b)).astype(dt) for a, b in zip(widths, widths[1:])]
+    outs = [np.empty((m, n), dt) for n in widths]
+    grads = [np.empty_like(W) for W in weights]
+    chunks = rows / m
+
+    def products():
+        for l, W in enumerate(weights):
+            np.matmul(acts[l], W, out=outs[l + 1])  # forward
+            np.matmul(acts[l].T, deltas[l + 1], out=grads[l])  # weight gradient
+            if l > 0:
+                np.matmul(deltas[l + 1], W.T, out=outs[l])  # input gradient
+
+    with threadpool_limits(threads, user_api="blas"):
+        products()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            products()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) * chunks
+
+
+def single_process(spec, rows, chunk_rows, steps, warmup=2):
+    """Times of distbp's gradient function over all rows in this process, 1 BLAS thread."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, spec.layers[0])).astype(spec.np_dtype)
+    y = rng.integers(0, max(spec.layers[-1], 2), rows)
+    params = nn.init_params(spec, rng)
+    ws = nn.Workspace(spec, min(chunk_rows, rows))
+    times = []
+    with threadpool_limits(1, user_api="blas"):
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            nn.grad_rows(spec, params, x, y, chunk_rows, ws)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    return times
+
+
+def _write_random_table(path, layers, rows, seed):
+    """Random features and labels (speed does not depend on them), written by a child process
+    so the driver's own memory stays that of a driver."""
+    import pyarrow as pa
+
+    from . import data
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, layers[0]), dtype=np.float32)
+    columns = {f"x{i}": x[:, i] for i in range(layers[0])}
+    columns["label"] = rng.integers(0, max(layers[-1], 2), rows)
+    data.write_table(pa.table(columns), path, row_group_size=8192)
+
+
+def _pss_mb(pid):
+    """PSS of a process and all its descendants, in MB: shared pages count once overall."""
+    import psutil
+
+    total = 0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total / 2**20
+
+
+def distributed(job_dict, workers, steps, warmup, workdir):
+    """One embedded-Ray run of `job_dict` with `workers` workers; per-step times and memory."""
+    from .api import load
+    from .trainer import Trainer
+
+    ray_was_up = "ray" in __import__("sys").modules and __import__("ray").is_initialized()
+    job = load(job_dict, [f"cluster.workers={workers}", f"train.steps={warmup + steps}", f"output.dir={workdir}/run-{workers}"])
+    stamps, compute, memory = [], [], {}
+    trainer = Trainer(job, force=True)
+
+    def on_step(row):
+        stamps.append(time.perf_counter())
+        compute.append(row["compute_sec"])
+        if row["step"] == warmup + steps:
+            import ray
+
+            memory["pss_mb_total"] = _pss_mb(os.getpid()) if not ray_was_up else None
+            memory["rss_mb_worker_max"] = max(ray.get([w.peak_rss_mb.remote() for w in trainer.workers]))
+
+    trainer.on_step = on_step
+    start = time.perf_counter()
+    trainer.run()
+    per_step = np.diff(stamps)[warmup:]
+    return {
+        "sec_per_step": float(np.median(per_step)),
+        "sec_per_step_min": float(per_step.min()),
+        "compute_sec": float(np.median(compute[warmup + 1 :])),
+        "startup_sec": stamps[0] - start,
+        **memory,
+    }
+
+
+def machine():
+    import pyarrow
+    import ray
+
+    blas = [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} for i in threadpool_info() if i.get("user_api") == "blas"]
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cores": os.cpu_count(), "cpu": cpu, "blas": blas, "python": platform.python_version(),
+        "numpy": np.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
+    }
+
+
+def run(workload="teacher", job_path=None, max_workers=2, steps=10, warmup=3, parameter_servers=1, log=lambda m: None):
+    """The whole report: {"machine": ..., "results": [...]} with DESIGN section 6's keys."""
+    from .api import load, spec_of
+    from .job import job_to_dict
+
+    with tempfile.TemporaryDirectory(prefix="distbp-bench-") as workdir:
+        if job_path:
+            job = load(job_path)
+            spec, name = spec_of(job), job.name
+            from . import data
+            from .trainer import ensure_data
+
+            ensure_data(job, log)
+            rows = data.open_source(job.data_path(), job.data.format).num_rows
+            job_dict = job_to_dict(job, resolve_paths=True)
+        else:
+            w, name = WORKLOADS[workload], workload
+            spec, rows = _spec(w), w["rows"]
+            path = os.path.join(workdir, "data.parquet")
+            child = multiprocessing.get_context("spawn").Process(target=_write_random_table, args=(path, w["layers"], rows, 0))
+            child.start()
+            child.join()
+            job_dict = {
+                "name": name, "seed": 0,
+                "data": {"path": path, "label": "label", "standardize": False},
+                "model": {"layers": list(w["layers"]), "activation": w["activation"], "output": w["output"], "loss": w["loss"], "dtype": w["dtype"]},
+                "train": {"optimizer": {"name": "sgd", "lr": 1e-3}, "eval_every": 10**6, "checkpoint_every": 10**6},
+                "cluster": {"parameter_servers": parameter_servers, "cpus_per_worker": 1},
+            }
+        chunk_rows = job_dict["cluster"].get("chunk_rows", 8192)
+        nominal = 6 * rows * spec.num_params
+        results = []
+        for k in range(1, max_workers + 1):
+            log(f"{name}: {k} worker(s)")
+            d = distributed(job_dict, k, steps, warmup, workdir)
+            results.append({"workload": name, "workers": k, "threads_per_worker": 1, "steps": steps, **d})
+        driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the in-process parts
+        log(f"{name}: ceiling and single process")
+        ceilings = {k: ceiling_sec(spec, rows, k, chunk_rows=chunk_rows) for k in {1, *range(1, max_workers + 1)}}
+        single = single_process(spec, rows, chunk_rows, steps)
+        for r in results:
+            r["rss_mb_driver"] = driver_rss
+        results.insert(0, {
+            "workload": name, "workers": 0, "threads_per_worker": 1, "steps": steps, "mode": "single process",
+            "sec_per_step": statistics.median(single), "sec_per_step_min": min(single),
+            "compute_sec": statistics.median(single), "startup_sec": 0.0,
+            "pss_mb_total": None, "rss_mb_driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_mb_worker_max": None,
+        })
+        for r in results:
+            r["ceiling_sec"] = ceilings[max(1, r["workers"])]
+            r["ceiling_ratio"] = r["sec_per_step"] / r["ceiling_sec"]
+            r["gflops_nominal"] = nominal / r["sec_per_step"] / 1e9
+            r["comm_overhead_sec"] = r["sec_per_step"] - r["compute_sec"]
+            r.setdefault("mode", "distributed")
+    return {"machine": machine(), "results": results}
+
+
+def table(report):
+    """The report as aligned text, one line per result."""
+    head = ["workload", "mode", "workers", "sec/step", "min", "ceiling", "ratio", "GFLOP/s", "compute", "overhead", "startup", "PSS MB", "worker MB"]
+    lines = [head]
+    for r in report["results"]:
+        fmt = lambda v, f="{:.4f}": "-" if v is None else f.format(v)  # noqa: E731
+        lines.append([
+            r["workload"], r["mode"], str(r["workers"]), fmt(r["sec_per_step"]), fmt(r["sec_per_step_min"]), fmt(r["ceiling_sec"]),
+            fmt(r["ceiling_ratio"], "{:.2f}"), fmt(r["gflops_nominal"], "{:.1f}"), fmt(r["compute_sec"]), fmt(r["comm_overhead_sec"]),
+            fmt(r["startup_sec"], "{:.1f}"), fmt(r["pss_mb_total"], "{:.0f}"), fmt(r["rss_mb_worker_max"], "{:.0f}"),
+        ])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines)
+
+
+def to_json(report):
+    return json.dumps(report)

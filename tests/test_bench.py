@@ -1,0 +1,53 @@
+"""`distbp bench` produces the report DESIGN section 6 promises (speed itself is never asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from distbp import bench, nn
+
+KEYS = [
+    "workload", "workers", "threads_per_worker", "steps", "sec_per_step", "sec_per_step_min", "ceiling_sec",
+    "ceiling_ratio", "gflops_nominal", "compute_sec", "comm_overhead_sec", "startup_sec", "pss_mb_total",
+    "rss_mb_driver", "rss_mb_worker_max",
+]
+
+
+def test_bench_json_holds_every_key_with_positive_numbers(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    cmd = [sys.executable, "-m", "distbp", "bench", "--workload", "tiny", "--steps", "3", "--warmup", "1", "--max-workers", "2", "--json"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert {"cores", "blas", "numpy", "ray", "pyarrow"} <= set(report["machine"])
+    distributed = [r for r in report["results"] if r["mode"] == "distributed"]
+    assert [r["workers"] for r in distributed] == [1, 2]
+    for r in distributed:
+        for key in KEYS:
+            assert key in r, key
+            if not isinstance(r[key], str):
+                assert r[key] > 0 or key == "comm_overhead_sec", (key, r[key])
+    single = next(r for r in report["results"] if r["mode"] == "single process")
+    assert single["sec_per_step"] > 0 and single["ceiling_ratio"] > 0
+
+
+def test_ceiling_times_exactly_the_products_a_step_needs(monkeypatch):
+    calls = []
+    real = np.matmul
+
+    def counting(a, b, out=None):
+        calls.append((a.shape, b.shape))
+        return real(a, b, out=out)
+
+    monkeypatch.setattr(bench.np, "matmul", counting)
+    spec = nn.Spec((5, 4, 3, 2), "tanh", dtype="float64")
+    bench.ceiling_sec(spec, rows=7, threads=1, repeats=1)
+    per_pass = calls[: len(calls) // 2]  # one warm-up pass, then one timed pass
+    assert per_pass == [
+        ((7, 5), (5, 4)), ((5, 7), (7, 4)),  # layer 1: forward, weight gradient (no input gradient)
+        ((7, 4), (4, 3)), ((4, 7), (7, 3)), ((7, 3), (3, 4)),  # layer 2: + input gradient
+        ((7, 3), (3, 2)), ((3, 7), (7, 2)), ((7, 2), (2, 3)),  # layer 3
+    ]
