@@ -473,8 +473,7 @@ class Trainer:
             self.log(f"worker {k} lost; starting a replacement ({self.replacements} of at most {self.job.cluster.max_failures})")
             worker = self._new_worker(self.plans[k])
             try:
-                ray.get(worker.load.remote(), timeout=self.job.cluster.wait_for_nodes_s + 60)
-                ray.get(worker.prepare.remote(*self.prepare_args[k]))
+                ray.get(worker.ping.remote(), timeout=self.job.cluster.wait_for_nodes_s)  # placed?
             except ray.exceptions.GetTimeoutError:
                 _kill(worker)
                 self._save_before_giving_up(dead_servers)
@@ -482,6 +481,8 @@ class Trainer:
                     f"no capacity for a replacement of worker {k} within cluster.wait_for_nodes_s ({self.job.cluster.wait_for_nodes_s:g} s)",
                     hint=f"add nodes, or continue with fewer workers: distbp run JOB --resume --workers {len(self.workers) - 1}",
                 ) from None
+            _get(worker.load.remote())
+            _get(worker.prepare.remote(*self.prepare_args[k]))
             self.workers[k] = worker
         steps = set(ray.get([s.applied_step.remote() for i, s in enumerate(self.servers) if i not in dead_servers]))
         if dead_servers or len(steps) > 1:

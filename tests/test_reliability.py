@@ -144,3 +144,19 @@ def test_divergence_stops_at_the_step_and_keeps_the_good_model(ray_session, make
     for step in checkpoint.list_steps(str(tmp_path / "runs" / "div" / "checkpoints")):
         params = checkpoint.load(str(tmp_path / "runs" / "div" / "checkpoints" / f"step-{step:09d}.npz")).params
         assert np.all(np.isfinite(params))
+
+
+def test_capacity_gone_for_good_checkpoints_and_stops_with_the_way_out(baseline, tmp_path):
+    job, _ = baseline
+    env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent)}
+    out = tmp_path / "gone"
+    proc = subprocess.run(  # 2 nodes of 1 CPU, 2 workers: losing a node leaves no CPU to spare
+        [sys.executable, str(DRIVER), str(job), str(out), "--nodes", "2", "--remove-node-at", "12", "--set", "cluster.wait_for_nodes_s=2"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode != 0
+    assert "no capacity for a replacement of worker" in proc.stderr and "--resume --workers 1" in proc.stderr
+    steps = checkpoint.list_steps(str(out / "checkpoints"))
+    assert steps[-1] >= 12  # the last applied step was saved, not only the periodic one at 10
+    resumed = Trainer(load(job, [f"output.dir={out}", "cluster.workers=1"]), resume=True).run()
+    assert resumed.steps == 30 and resumed.resumed_from == steps[-1]
