@@ -3,7 +3,8 @@ Ray workers, measured side by side in one run (DESIGN section 6).
 
 The ceiling of a step is the time of the products it really needs at the workload's shapes:
 every layer's forward product and weight-gradient product, and the input-gradient product of
-every layer but the first, timed here with numpy's BLAS. GFLOP/s use the nominal 6 * N * P.
+every layer but the first, timed here with numpy's BLAS. GFLOP/s use the nominal 6 * N * (number of weights), the
+count the peer baselines use, so GFLOP/s ratios are inverse time ratios.
 """
 
 import json
@@ -21,27 +22,27 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from . import nn
 
 WORKLOADS = {
-    "teacher": dict(layers=(784, 256, 128, 10), rows=60_000, dtype="float32", activation="tanh", output="softmax", loss="cross_entropy"),
-    "tiny": dict(layers=(2, 16, 16, 1), rows=256, dtype="float64", activation="tanh", output="sigmoid", loss="binary_cross_entropy"),
-    "wide": dict(layers=(2048, 2048, 2048, 10), rows=8_192, dtype="float32", activation="tanh", output="softmax", loss="cross_entropy"),
+    "teacher": dict(layers=(784, 256, 128, 10), rows=60_000, dtype="float32", activation="relu", output="softmax", loss="cross_entropy"),
+    "tiny": dict(layers=(2, 16, 16, 1), rows=256, dtype="float64", activation="relu", output="sigmoid", loss="binary_cross_entropy"),
+    "wide": dict(layers=(2048, 2048, 2048, 10), rows=8_192, dtype="float32", activation="relu", output="softmax", loss="cross_entropy"),
 }
 
 
 def _spec(w):
-    return nn.Spec(w["layers"], w["activation"], w["output"], w["loss"], "xavier", w["dtype"])
+    return nn.Spec(w["layers"], w["activation"], w["output"], w["loss"], "he", w["dtype"])
 
 
-def ceiling_sec(spec, rows, threads, repeats=5, chunk_rows=None):
-    """Median time of the step's matrix products at its shapes, with `threads` BLAS threads."""
+def ceiling_sec(spec, rows, threads, repeats=5):
+    """Median time of the step's matrix products at its own shapes (all `rows` at once), with
+    `threads` BLAS threads."""
     dt, widths = spec.np_dtype, spec.layers
-    m = min(rows, chunk_rows or rows)
+    m = rows
     rng = np.random.default_rng(0)
     acts = [rng.standard_normal((m, n)).astype(dt) for n in widths]  # a_0..a_L
     deltas = [rng.standard_normal((m, n)).astype(dt) for n in widths]
     weights = [rng.standard_normal((a, b)).astype(dt) for a, b in zip(widths, widths[1:])]
     outs = [np.empty((m, n), dt) for n in widths]
     grads = [np.empty_like(W) for W in weights]
-    chunks = rows / m
 
     def products():
         for l, W in enumerate(weights):
@@ -57,7 +58,7 @@ def ceiling_sec(spec, rows, threads, repeats=5, chunk_rows=None):
             t = time.perf_counter()
             products()
             times.append(time.perf_counter() - t)
-    return statistics.median(times) * chunks
+    return statistics.median(times)
 
 
 def single_process(spec, rows, chunk_rows, steps, warmup=2):
@@ -179,12 +180,12 @@ def run(workload="teacher", job_path=None, max_workers=2, steps=10, warmup=3, pa
             job_dict = {
                 "name": name, "seed": 0,
                 "data": {"path": path, "label": "label", "standardize": False},
-                "model": {"layers": list(w["layers"]), "activation": w["activation"], "output": w["output"], "loss": w["loss"], "dtype": w["dtype"]},
+                "model": {"layers": list(w["layers"]), "activation": w["activation"], "output": w["output"], "loss": w["loss"], "init": "he", "dtype": w["dtype"]},
                 "train": {"optimizer": {"name": "sgd", "lr": 1e-3}, "eval_every": 10**6, "checkpoint_every": 10**6},
                 "cluster": {"parameter_servers": parameter_servers, "cpus_per_worker": 1},
             }
         chunk_rows = job_dict["cluster"].get("chunk_rows", 8192)
-        nominal = 6 * rows * spec.num_params
+        nominal = 6 * rows * sum(a * b for a, b in zip(spec.layers, spec.layers[1:]))  # weights, as the peers count
         results = []
         for k in range(1, max_workers + 1):
             log(f"{name}: {k} worker(s)")
@@ -192,7 +193,7 @@ def run(workload="teacher", job_path=None, max_workers=2, steps=10, warmup=3, pa
             results.append({"workload": name, "workers": k, "threads_per_worker": 1, "steps": steps, **d})
         driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the in-process parts
         log(f"{name}: ceiling and single process")
-        ceilings = {k: ceiling_sec(spec, rows, k, chunk_rows=chunk_rows) for k in {1, *range(1, max_workers + 1)}}
+        ceilings = {k: ceiling_sec(spec, rows, k) for k in range(1, max_workers + 1)}
         single = single_process(spec, rows, chunk_rows, steps)
         for r in results:
             r["rss_mb_driver"] = driver_rss
