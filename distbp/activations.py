@@ -70,7 +70,8 @@ class LeakyReLU(Activation):
 
     def scale_delta(self, a, delta, scratch):
         if self.alpha == 0:
-            delta[a <= 0] = 0  # the kink at z = 0 takes the zero subgradient
+            np.sign(a, out=scratch)  # a >= 0, so sign(a) = f'(z): 1 where z > 0, else 0
+            delta *= scratch
         else:
             np.multiply(delta, self.alpha, out=delta, where=a <= 0)
         return delta
