@@ -16,14 +16,30 @@ def holds_run(out_dir):
 
 
 def check_free(out_dir, resume, force):
-    """Refuse a folder that already holds a run unless resuming or forcing. Changes nothing."""
+    """Refuse a folder that already holds a run unless resuming or forcing, and a path that
+    cannot become a folder (a file, or under one). Changes nothing."""
     if resume and force:
         raise UsageError("--resume and --force exclude each other")
+    _check_folder(out_dir)
     if holds_run(out_dir) and not (resume or force):
         raise UsageError(
             f"{out_dir}: already holds a run",
             hint="pass --resume to continue it, --force to replace it, or --out for another folder",
         )
+
+
+def _check_folder(out_dir):
+    """UsageError now, not an OSError after setup, when `out_dir` cannot be a run folder."""
+    if "://" in out_dir:  # object storage: there are no folders to check
+        return
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)  # the nearest part of out_dir that exists
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(out_dir) else f"is under the file {path}"
+        raise UsageError(f"output.dir: {out_dir} {where}, not a folder", hint="choose another folder with --out")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"output.dir: cannot write to {path}", hint="choose another folder with --out")
 
 
 def clear(out_dir):
