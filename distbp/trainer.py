@@ -80,6 +80,8 @@ def prepare(job):
         raise job_error(job, "data.path", "no data file given")
     source = data.open_source(job.data_path(), job.data.format)
     features, labels = data.select_columns(source, job.data.features, job.data.labels, job.data.task)
+    if job.cluster.workers > source.num_rows:
+        raise job_error(job, "cluster.workers", f"more workers ({job.cluster.workers}) than rows ({source.num_rows}) in {job.data_path()}")
     if job.model.layers[0] != len(features):
         raise job_error(job, "model.layers[0]", f"expected {len(features)} (the number of feature columns), got {job.model.layers[0]}")
     if job.data.task == "regression" and job.model.layers[-1] != len(labels):
@@ -110,13 +112,15 @@ def _get(refs):
 
 def _merge_summaries(job, prep, summaries):
     """Turn the workers' shard summaries into classes and standardisation statistics."""
-    nonfinite = sum(s["nonfinite"] for s in summaries)
-    if job.data.on_nan == "error" and nonfinite.sum():
-        bad = [f"'{c}' ({n})" for c, n in zip(prep.features, nonfinite) if n]
-        raise UsageError(
-            f"{job.data_path()}: NaN or inf values in column {', '.join(bad)}",
-            hint="clean the data or set data.on_nan: drop to skip those rows",
-        )
+    columns = prep.features + (prep.labels if job.data.task == "regression" else [])
+    for origin, path in (("data", job.data_path()), ("validation", job.validation_path())):
+        counts = sum(s["nonfinite"].get(origin, 0) for s in summaries)
+        if job.data.on_nan == "error" and np.any(counts):
+            bad = [f"'{c}' ({n})" for c, n in zip(columns, counts) if n]
+            raise UsageError(
+                f"{path}: NaN or inf values in column {', '.join(bad)}",
+                hint="clean the data or set data.on_nan: drop to skip those rows",
+            )
     n_train = sum(s["rows"]["train"] for s in summaries)
     if n_train < job.cluster.workers:
         raise job_error(job, "cluster.workers", f"more workers ({job.cluster.workers}) than training rows ({n_train})")
@@ -252,7 +256,12 @@ class Trainer:
 
         opt = self.job.train.optimizer
         kwargs = dict(name=opt.name, momentum=opt.momentum, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps, weight_decay=opt.weight_decay)
-        cls = ray.remote(ParameterServer).options(num_cpus=0, resources=dict(self.job.cluster.parameter_resources) or None)
+        placement = {"resources": dict(self.job.cluster.parameter_resources)}
+        if not placement["resources"]:  # default: the driver's node, which a run cannot outlive anyway
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
+        cls = ray.remote(ParameterServer).options(num_cpus=0, **placement)
         self.servers = [
             cls.remote(params[a:b], kwargs, _slice_state(opt_state, a, b, params.size), _layer_bounds(self.spec, a, b), step)
             for a, b in self.slices

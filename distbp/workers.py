@@ -68,6 +68,12 @@ class ShardWorker:
         x = data.features_to_numpy(table, list(self.plan.features), np.float64)  # (rows, n_0)
         return table, x
 
+    def _checked_values(self, table, x):
+        """The values whose NaN or inf must be caught: the features, plus regression targets."""
+        if self.plan.task != "regression":
+            return x
+        return np.hstack([x, data.targets_to_numpy(table, list(self.plan.labels), np.float64)])
+
     def load(self):
         """Read the shard. Returns sums the driver merges: non-finite counts per feature,
         label values, feature moment sums over training rows, and row counts."""
@@ -81,12 +87,13 @@ class ShardWorker:
             parts["val"] = (table.filter(is_val), x[is_val])
         elif p.validation_source is not None:
             parts["val"] = self._read(p.validation_source, *p.validation_range)
-        summary = {"nonfinite": data.nonfinite_counts(x), "dropped": 0, "labels": [], "rows": {}}
-        if "val" in parts:
-            summary["val_nonfinite"] = data.nonfinite_counts(parts["val"][1])
+        summary = {"nonfinite": {}, "dropped": 0, "labels": [], "rows": {}}
         for name, (tab, xs) in parts.items():
+            values = self._checked_values(tab, xs)
+            origin = "validation" if name == "val" and p.validation_source is not None else "data"
+            summary["nonfinite"][origin] = summary["nonfinite"].get(origin, 0) + data.nonfinite_counts(values)
             if p.on_nan == "drop":
-                keep = data.finite_row_mask(xs)
+                keep = data.finite_row_mask(values)
                 summary["dropped"] += int(len(keep) - keep.sum())
                 tab, xs = tab.filter(keep), xs[keep]
             self.raw[name] = (tab, xs)

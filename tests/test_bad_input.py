@@ -243,15 +243,11 @@ def test_nan_and_inf_name_the_columns_and_counts(bench):
     bench.refused(bench.run(bench.job(data={"path": str(path)})), "'x0' (3)", "'x1' (2)", "data.on_nan: drop")
 
 
-@pytest.mark.xfail(strict=True, reason="trainer._merge_summaries checks the training file's non-finite "
-                   "counts but not the workers' val_nonfinite counts of a separate validation file")
 def test_nan_in_a_validation_file_is_refused(bench):
     path = bench.table(table_with_nonfinite(), "val.parquet")
     bench.refused(bench.run(bench.job(data={"validation": str(path)})), "'x0' (3)", "'x1' (2)", "data.on_nan: drop")
 
 
-@pytest.mark.xfail(strict=True, reason="workers.load counts non-finite features only: a NaN regression target "
-                   "passes every check and the run fails later as a divergence (exit 1) after --force cleared the folder")
 def test_nan_in_a_regression_target_is_refused(bench):
     table = spirals_table()
     y = table.column("label").to_numpy().astype(np.float64)
