@@ -209,7 +209,8 @@ def run(workload="teacher", job_path=None, max_workers=2, steps=10, warmup=3, pa
             r["gflops_nominal"] = nominal / r["sec_per_step"] / 1e9
             r["comm_overhead_sec"] = r["sec_per_step"] - r["compute_sec"]
             r.setdefault("mode", "distributed")
-    return {"machine": machine(), "results": results}
+    spec_info = {"layers": list(spec.layers), "num_params": spec.num_params, "itemsize": spec.np_dtype.itemsize, "rows": rows}
+    return {"machine": machine(), "spec": spec_info, "results": results}
 
 
 def table(report):
@@ -219,8 +220,8 @@ def table(report):
     for r in report["results"]:
         fmt = lambda v, f="{:.4f}": "-" if v is None else f.format(v)  # noqa: E731
         lines.append([
-            r["workload"], r["mode"], str(r["workers"]), fmt(r["sec_per_step"]), fmt(r["sec_per_step_min"]), fmt(r["ceiling_sec"]),
-            fmt(r["ceiling_ratio"], "{:.2f}"), fmt(r["gflops_nominal"], "{:.1f}"), fmt(r["compute_sec"]), fmt(r["comm_overhead_sec"]),
+            r["workload"], r["mode"], str(r["workers"]), fmt(r["sec_per_step"], "{:.4g}"), fmt(r["sec_per_step_min"], "{:.4g}"), fmt(r["ceiling_sec"], "{:.4g}"),
+            fmt(r["ceiling_ratio"], "{:.2f}"), fmt(r["gflops_nominal"], "{:.1f}"), fmt(r["compute_sec"], "{:.4g}"), fmt(r["comm_overhead_sec"], "{:.4g}"),
             fmt(r["startup_sec"], "{:.1f}"), fmt(r["pss_mb_total"], "{:.0f}"), fmt(r["rss_mb_worker_max"], "{:.0f}"),
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
@@ -229,3 +230,45 @@ def table(report):
 
 def to_json(report):
     return json.dumps(report)
+
+
+def scaling_model(report, bandwidth_gbit=10.0, workers=(1, 2, 4, 8, 16, 32, 64, 128, 256), servers=(1, 2, 4, 8)):
+    """Predicted seconds per step on K workers (one per VM core) and S parameter actors, from
+    three figures measured in `report`: the compute rate per core (single process), the fixed
+    cost of a step (1 worker: time per step minus compute) and the bytes moved per step.
+
+    T(K, S) = work / (K * rate) + fixed + max(P b / B, K P b / (S B))
+    A worker sends its gradient (P b bytes) and reads the new weights (P b) over a full-duplex
+    link of B bytes/s; each parameter actor's node receives K P b / S and serves as much.
+    A ring all-reduce instead moves 2 (K - 1) / K * P b per worker."""
+    single = next(r for r in report["results"] if r["workers"] == 0)
+    one = next(r for r in report["results"] if r["workers"] == 1)
+    work = single["gflops_nominal"] * single["sec_per_step"] * 1e9  # nominal FLOPs per step
+    rate = single["gflops_nominal"] * 1e9  # FLOP/s of one core
+    fixed = max(one["sec_per_step"] - one["compute_sec"], 0.0)
+    spec = report["spec"]
+    param_bytes = spec["num_params"] * spec["itemsize"]
+    link = bandwidth_gbit * 1e9 / 8
+    rows = []
+    for k in workers:
+        compute = work / (k * rate)
+        row = {"workers": k, "compute_sec": compute, "ring_allreduce_sec": compute + fixed + 2 * (k - 1) / k * param_bytes / link}
+        for s in servers:
+            comm = max(param_bytes / link, k * param_bytes / (s * link))
+            row[f"ps{s}_sec"] = compute + fixed + comm
+            row[f"ps{s}_bound"] = "server" if k * param_bytes / (s * link) > max(compute, param_bytes / link) else "compute"
+        rows.append(row)
+    figures = {"rate_gflops_per_core": rate / 1e9, "fixed_sec": fixed, "param_bytes": param_bytes, "bandwidth_gbit": bandwidth_gbit}
+    return {"figures": figures, "rows": rows}
+
+
+def model_table(model):
+    f = model["figures"]
+    head = f"figures: {f['rate_gflops_per_core']:.1f} GFLOP/s per core, fixed {f['fixed_sec'] * 1e3:.2f} ms/step, {f['param_bytes'] / 1e6:.2f} MB of parameters, {f['bandwidth_gbit']:g} Gb/s links"
+    servers = sorted({int(k[2:-4]) for k in model["rows"][0] if k.startswith("ps") and k.endswith("_sec")})
+    lines = [head, "workers  compute  " + "  ".join(f"S={s:<3d}      " for s in servers) + "  ring all-reduce"]
+    for r in model["rows"]:
+        cells = "  ".join(f"{r[f'ps{s}_sec']:8.4f} {r[f'ps{s}_bound'][0]}" for s in servers)
+        lines.append(f"{r['workers']:7d}  {r['compute_sec']:7.4f}  {cells}  {r['ring_allreduce_sec']:8.4f}")
+    lines.append("seconds per step; c = compute-bound, s = parameter-actor-bound")
+    return "\n".join(lines)

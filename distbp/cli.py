@@ -228,8 +228,10 @@ def predict(model_path, data_path, out_path):
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--parameter-servers", type=int, default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (DESIGN section 6).")
+@click.option("--model", "scaling", is_flag=True, help="Also predict time per step on 1..256 cloud workers (docs/scaling.md).")
+@click.option("--bandwidth-gbit", type=float, default=10.0, show_default=True, help="Network bandwidth for --model.")
 @one_line_errors
-def bench(job_file, workload, max_workers, steps, warmup, parameter_servers, as_json):
+def bench(job_file, workload, max_workers, steps, warmup, parameter_servers, as_json, scaling, bandwidth_gbit):
     """Time per step against the matrix-product ceiling: one process and 1..N Ray workers."""
     from . import bench as bench_mod
     from .cluster import choose_mode
@@ -237,7 +239,11 @@ def bench(job_file, workload, max_workers, steps, warmup, parameter_servers, as_
     choose_mode(None)  # embedded, loopback-only Ray for every point
     log = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     report = bench_mod.run(workload, job_file, max_workers, steps, warmup, parameter_servers, log)
+    if scaling:
+        report["scaling_model"] = bench_mod.scaling_model(report, bandwidth_gbit)
     click.echo(bench_mod.to_json(report) if as_json else bench_mod.table(report))
+    if scaling and not as_json:
+        click.echo(bench_mod.model_table(report["scaling_model"]))
 
 
 @main.group("data")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from distbp import bench, nn
 
@@ -51,3 +52,22 @@ def test_ceiling_times_exactly_the_products_a_step_needs(monkeypatch):
         ((7, 4), (4, 3)), ((4, 7), (7, 3)), ((7, 3), (3, 4)),  # layer 2: + input gradient
         ((7, 3), (3, 2)), ((3, 7), (7, 2)), ((7, 2), (2, 3)),  # layer 3
     ]
+
+
+def test_scaling_model_follows_its_formula():
+    report = {
+        "spec": {"num_params": 1_000_000, "itemsize": 4},
+        "results": [
+            {"workers": 0, "gflops_nominal": 50.0, "sec_per_step": 2.0},  # 100 GFLOP a step
+            {"workers": 1, "sec_per_step": 2.01, "compute_sec": 2.0},  # 10 ms fixed
+        ],
+    }
+    model = bench.scaling_model(report, bandwidth_gbit=8.0, workers=(1, 100), servers=(1, 4))
+    link = 1e9  # 8 Gb/s in bytes/s
+    k1, k100 = model["rows"]
+    assert k1["ps1_sec"] == pytest.approx(2.0 + 0.01 + 4e6 / link)
+    assert k100["compute_sec"] == pytest.approx(0.02)
+    assert k100["ps1_sec"] == pytest.approx(0.02 + 0.01 + 100 * 4e6 / link)
+    assert k100["ps4_sec"] == pytest.approx(0.02 + 0.01 + 25 * 4e6 / link)
+    assert k100["ring_allreduce_sec"] == pytest.approx(0.02 + 0.01 + 2 * 0.99 * 4e6 / link)
+    assert (k1["ps1_bound"], k100["ps1_bound"]) == ("compute", "server")
