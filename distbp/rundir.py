@@ -15,13 +15,14 @@ def holds_run(out_dir):
     return any(os.path.exists(os.path.join(out_dir, name)) for name in RUN_FILES)
 
 
-def check_free(out_dir, resume, force):
+def check_free(out_dir, resume, force, holds=None):
     """Refuse a folder that already holds a run unless resuming or forcing, and a path that
-    cannot become a folder (a file, or under one). Changes nothing."""
+    cannot become a folder (a file, or under one). Changes nothing. `holds` answers for a
+    run folder on object storage."""
     if resume and force:
         raise UsageError("--resume and --force exclude each other")
     _check_folder(out_dir)
-    if holds_run(out_dir) and not (resume or force):
+    if (holds_run(out_dir) if holds is None else holds) and not (resume or force):
         raise UsageError(
             f"{out_dir}: already holds a run",
             hint="pass --resume to continue it, --force to replace it, or --out for another folder",
@@ -83,3 +84,72 @@ class MetricsWriter:
     def close(self):
         if not self.file.closed:
             self.file.close()
+
+
+class RemoteRun:
+    """A run folder on object storage (any pyarrow.fs URI), mirrored from a local staging folder.
+
+    Files are written locally as usual, then each is uploaded as one PUT under its final name;
+    a checkpoint upload is followed by an updated `checkpoints/latest` marker, so a reader
+    never sees half a checkpoint. Credentials come from the environment, as pyarrow.fs reads them.
+    """
+
+    def __init__(self, uri):
+        from pyarrow import fs
+
+        self.uri = uri.rstrip("/")
+        try:
+            self.fs, self.root = fs.FileSystem.from_uri(self.uri)
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
+            raise UsageError(f"output.dir: cannot open {uri}: {str(err).splitlines()[0]}") from None
+
+    def _info(self, name):
+        from pyarrow import fs
+
+        return self.fs.get_file_info(f"{self.root}/{name}").type != fs.FileType.NotFound
+
+    def holds_run(self):
+        return any(self._info(name) for name in RUN_FILES)
+
+    def clear(self):
+        for name in RUN_FILES:
+            path = f"{self.root}/{name}"
+            info = self.fs.get_file_info(path)
+            if info.type.name == "Directory":
+                self.fs.delete_dir(path)
+            elif info.type.name == "File":
+                self.fs.delete_file(path)
+
+    def put(self, local_path, name):
+        """Upload one local file as one object under `name`."""
+        with open(local_path, "rb") as src, self.fs.open_output_stream(f"{self.root}/{name}") as dst:
+            shutil.copyfileobj(src, dst, length=8 << 20)
+
+    def put_checkpoint(self, local_path, keep_names):
+        name = os.path.basename(local_path)
+        self.put(local_path, f"checkpoints/{name}")
+        with self.fs.open_output_stream(f"{self.root}/checkpoints/latest") as dst:
+            dst.write(name.encode())
+        from pyarrow import fs
+
+        for info in self.fs.get_file_info(fs.FileSelector(f"{self.root}/checkpoints", allow_not_found=True)):
+            if info.base_name.startswith("step-") and info.base_name not in keep_names:
+                self.fs.delete_file(info.path)
+
+    def fetch(self, name, local_path):
+        """Download `name` to local_path; False when it does not exist."""
+        if not self._info(name):
+            return False
+        os.makedirs(os.path.dirname(local_path), exist_ok=True)
+        with self.fs.open_input_stream(f"{self.root}/{name}") as src, open(local_path, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=8 << 20)
+        return True
+
+    def fetch_for_resume(self, staging):
+        """Bring the checkpoints (newest first, as the marker says) and metrics.csv down."""
+        from pyarrow import fs
+
+        self.fetch("metrics.csv", os.path.join(staging, "metrics.csv"))
+        for info in self.fs.get_file_info(fs.FileSelector(f"{self.root}/checkpoints", allow_not_found=True)):
+            if info.base_name.startswith("step-"):
+                self.fetch(f"checkpoints/{info.base_name}", os.path.join(staging, "checkpoints", info.base_name))

@@ -34,14 +34,19 @@ class RunResult:
 
     @property
     def metrics_path(self):
-        return os.path.join(self.out_dir, "metrics.csv")
+        return f"{self.out_dir.rstrip('/')}/metrics.csv" if "://" in self.out_dir else os.path.join(self.out_dir, "metrics.csv")
 
     @property
     def metrics(self):
-        """metrics.csv as a pyarrow Table."""
+        """metrics.csv as a pyarrow Table (read from object storage when the run is there)."""
         import pyarrow.csv
+        from pyarrow import fs
 
-        return pyarrow.csv.read_csv(self.metrics_path)
+        if "://" not in self.metrics_path:
+            return pyarrow.csv.read_csv(self.metrics_path)
+        filesystem, path = fs.FileSystem.from_uri(self.metrics_path)
+        with filesystem.open_input_stream(path) as f:
+            return pyarrow.csv.read_csv(f)
 
     @property
     def metrics_df(self):
@@ -176,6 +181,12 @@ class Trainer:
         self.log = log or (lambda msg: None)
         self.on_step = on_step or (lambda row: None)
         self.out_dir = job.output_dir()
+        self.remote = None  # a RemoteRun when output.dir is a URI; files are staged locally
+        if "://" in self.out_dir:
+            import tempfile
+
+            self.remote = rundir.RemoteRun(self.out_dir)
+            self.out_dir = tempfile.mkdtemp(prefix="distbp-run-")
         self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
         self.stop_requested = None  # a signal number: checkpoint after the current step and stop
         self.replacements = 0  # workers and parameter actors replaced after a failure
@@ -276,11 +287,16 @@ class Trainer:
     # -- the run -------------------------------------------------------------------------
     def run(self):
         job = self.job
-        rundir.check_free(self.out_dir, self.resume, self.force)
+        if self.remote is None:
+            rundir.check_free(self.out_dir, self.resume, self.force)
+        else:
+            rundir.check_free(self.remote.uri, self.resume, self.force, holds=self.remote.holds_run())
+            if self.resume:
+                self.remote.fetch_for_resume(self.out_dir)
         ckpt = self._start_checkpoint()
         if ckpt is not None and ckpt.finished:
             self.log(f"{self.out_dir}: run already finished at step {ckpt.step}; nothing to do")
-            return RunResult(self.out_dir, os.path.join(self.out_dir, "model.npz"), None, ckpt.step, already_finished=True)
+            return RunResult(self._where(""), self._where("model.npz"), None, ckpt.step, already_finished=True)
         ensure_data(job, self.log)
         prep = prepare(job)
         started = cluster.connect(job.cluster.address, job.cluster.workers * job.cluster.cpus_per_worker, job.cluster.connect_timeout_s)
@@ -291,7 +307,10 @@ class Trainer:
             # From here on the run folder changes: every check above has passed.
             if self.force:
                 rundir.clear(self.out_dir)
+                if self.remote:
+                    self.remote.clear()
             rundir.write_job(self.out_dir, job_to_dict(job, resolve_paths=True))
+            self._publish("job.yaml")
             self.log(f"setup: {len(self.workers)} workers, {self.n_train} training rows, {self.spec.num_params} parameters, {time.perf_counter() - t_setup:.1f} s")
             self.resumed_from = ckpt.step if ckpt else None
             self.metrics = self._open_metrics(self.resumed_from)
@@ -301,6 +320,10 @@ class Trainer:
                 self.metrics.close()
         finally:
             self.close()
+            if self.remote:  # everything worth keeping has been uploaded
+                import shutil
+
+                shutil.rmtree(self.out_dir, ignore_errors=True)
             if started:
                 import ray
 
@@ -364,10 +387,13 @@ class Trainer:
                 if entry.step == self.total_steps or early:
                     self._write_model()
                     self.metrics.close()
+                    plot = self._plot()
+                    for name in ("model.npz", "metrics.csv", "plot.png"):
+                        self._publish(name)
                     return RunResult(
-                        self.out_dir, os.path.join(self.out_dir, "model.npz"), path, entry.step, last_row,
+                        self._where(""), self._where("model.npz"), path, entry.step, last_row,
                         resumed_from=self.resumed_from, replacements=self.replacements, stopped_early=early,
-                        plot_path=self._plot(),
+                        plot_path=plot and self._where("plot.png"),
                     )
                 if self.stop_requested:
                     raise Interrupted(self.stop_requested, entry.step, path)
@@ -400,7 +426,23 @@ class Trainer:
             best, best_params = np.array([self.best[0], self.best[1], self.best[3]]), self._best_params()
         self.final_params = params
         ckpt = checkpoint.Checkpoint(step, params, opt_state, job_hash(self.job), self.job.seed, done, self.job.cluster.workers, best, best_params)
-        return checkpoint.save(self.ckpt_dir, ckpt, self.job.train.keep_checkpoints)
+        path = checkpoint.save(self.ckpt_dir, ckpt, self.job.train.keep_checkpoints)
+        if self.remote:
+            self._publish("metrics.csv")
+            self.remote.put_checkpoint(path, set(os.listdir(self.ckpt_dir)))
+            return f"{self.remote.uri}/checkpoints/{os.path.basename(path)}"
+        return path
+
+    def _publish(self, name):
+        """Upload a finished file of the run folder when the run folder is a URI."""
+        if self.remote and os.path.exists(os.path.join(self.out_dir, name)):
+            if name == "metrics.csv" and not self.metrics.file.closed:
+                self.metrics.file.flush()
+            self.remote.put(os.path.join(self.out_dir, name), name)
+
+    def _where(self, name):
+        """Where a run-folder file lives for the user: the URI, or the local path."""
+        return f"{self.remote.uri}/{name}" if self.remote else os.path.join(self.out_dir, name)
 
     def _plot(self):
         """plot.png of the run's curves, when matplotlib is installed."""
