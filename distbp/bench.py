@@ -228,6 +228,16 @@ def table(report):
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines)
 
 
+def merge(reports):
+    """One report of several workloads: results in one list, each workload's spec and
+    scaling model under `workloads`."""
+    merged = {"machine": reports[0]["machine"], "results": [r for rep in reports for r in rep["results"]], "workloads": {}}
+    for rep in reports:
+        name = rep["results"][0]["workload"]
+        merged["workloads"][name] = {k: v for k, v in rep.items() if k not in ("machine", "results")}
+    return merged
+
+
 def to_json(report):
     return json.dumps(report)
 
@@ -272,3 +282,30 @@ def model_table(model):
         lines.append(f"{r['workers']:7d}  {r['compute_sec']:7.4f}  {cells}  {r['ring_allreduce_sec']:8.4f}")
     lines.append("seconds per step; c = compute-bound, s = parameter-actor-bound")
     return "\n".join(lines)
+
+
+def chart(reports, path):
+    """A PNG of time per step against workers, one panel per workload, with the ceiling."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        from .errors import UsageError
+
+        raise UsageError("matplotlib is not installed", hint="pip install 'distbp[plot]'") from None
+    fig = Figure(figsize=(4.2 * len(reports), 3.6), layout="constrained")
+    for ax, report in zip(fig.subplots(1, len(reports), squeeze=False)[0], reports):
+        dist = [r for r in report["results"] if r["mode"] == "distributed"]
+        single = next(r for r in report["results"] if r["mode"] == "single process")
+        k = [r["workers"] for r in dist]
+        ax.plot(k, [r["sec_per_step"] * 1e3 for r in dist], "o-", label="distbp, K workers x 1 thread")
+        ax.plot(k, [r["ceiling_sec"] * 1e3 for r in dist], "k--", label="matmul ceiling, K threads")
+        ax.axhline(single["sec_per_step"] * 1e3, color="tab:green", lw=1, label="distbp, one process")
+        ax.set_title(f"{dist[0]['workload']} ({'-'.join(map(str, report['spec']['layers']))}, N={report['spec']['rows']})")
+        ax.set_xlabel("workers")
+        ax.set_ylabel("ms per step")
+        ax.set_xticks(k)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    return path

@@ -222,7 +222,7 @@ def predict(model_path, data_path, out_path):
 
 @main.command()
 @click.argument("job_file", metavar="[JOB]", required=False)
-@click.option("--workload", type=click.Choice(["teacher", "tiny", "wide"]), default="teacher", show_default=True)
+@click.option("--workload", "workloads", type=click.Choice(["teacher", "tiny", "wide"]), multiple=True, help="teacher (default), tiny or wide; repeat for several.")
 @click.option("--max-workers", type=int, default=2, show_default=True, help="Time 1..N workers, 1 BLAS thread each.")
 @click.option("--steps", type=int, default=10, show_default=True, help="Timed steps per point (after warm-up).")
 @click.option("--warmup", type=int, default=3, show_default=True)
@@ -230,20 +230,27 @@ def predict(model_path, data_path, out_path):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (DESIGN section 6).")
 @click.option("--model", "scaling", is_flag=True, help="Also predict time per step on 1..256 cloud workers (docs/scaling.md).")
 @click.option("--bandwidth-gbit", type=float, default=10.0, show_default=True, help="Network bandwidth for --model.")
+@click.option("--chart", "chart_path", help="Also draw time per step against workers into this PNG.")
 @one_line_errors
-def bench(job_file, workload, max_workers, steps, warmup, parameter_servers, as_json, scaling, bandwidth_gbit):
+def bench(job_file, workloads, max_workers, steps, warmup, parameter_servers, as_json, scaling, bandwidth_gbit, chart_path):
     """Time per step against the matrix-product ceiling: one process and 1..N Ray workers."""
     from . import bench as bench_mod
     from .cluster import choose_mode
 
     choose_mode(None)  # embedded, loopback-only Ray for every point
     log = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
-    report = bench_mod.run(workload, job_file, max_workers, steps, warmup, parameter_servers, log)
+    names = [None] if job_file else list(workloads or ["teacher"])
+    reports = [bench_mod.run(name, job_file, max_workers, steps, warmup, parameter_servers, log) for name in names]
     if scaling:
-        report["scaling_model"] = bench_mod.scaling_model(report, bandwidth_gbit)
-    click.echo(bench_mod.to_json(report) if as_json else bench_mod.table(report))
+        for report in reports:
+            report["scaling_model"] = bench_mod.scaling_model(report, bandwidth_gbit)
+    merged = bench_mod.merge(reports)
+    click.echo(bench_mod.to_json(merged) if as_json else bench_mod.table(merged))
     if scaling and not as_json:
-        click.echo(bench_mod.model_table(report["scaling_model"]))
+        for report in reports:
+            click.echo(bench_mod.model_table(report["scaling_model"]))
+    if chart_path:
+        click.echo(f"chart: {bench_mod.chart(reports, chart_path)}", err=True)
 
 
 @main.group("data")
