@@ -231,12 +231,14 @@ def predict(model_path, data_path, out_path):
 @click.option("--model", "scaling", is_flag=True, help="Also predict time per step on 1..256 cloud workers (docs/scaling.md).")
 @click.option("--bandwidth-gbit", type=float, default=10.0, show_default=True, help="Network bandwidth for --model.")
 @click.option("--chart", "chart_path", help="Also draw time per step against workers into this PNG.")
+@click.option("--engine", type=click.Choice(["tasks", "graph"]), default="tasks", show_default=True, help="Ray tasks, or the experimental compiled graph (DISTBP_ENGINE).")
 @one_line_errors
-def bench(job_file, workloads, max_workers, steps, warmup, parameter_servers, as_json, scaling, bandwidth_gbit, chart_path):
+def bench(job_file, workloads, max_workers, steps, warmup, parameter_servers, as_json, scaling, bandwidth_gbit, chart_path, engine):
     """Time per step against the matrix-product ceiling: one process and 1..N Ray workers."""
     from . import bench as bench_mod
     from .cluster import choose_mode
 
+    os.environ["DISTBP_ENGINE"] = engine
     choose_mode(None)  # embedded, loopback-only Ray for every point
     log = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     names = [None] if job_file else list(workloads or ["teacher"])

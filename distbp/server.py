@@ -57,6 +57,18 @@ class ParameterServer:
         self.step = step
         return self.w, np.concatenate([self.totals, [worst], squares])
 
+    def graph_weights(self, order):
+        return self.w
+
+    def graph_apply(self, order, *outs):
+        """The compiled-graph form of `apply`: outs are the workers' graph_step results in
+        rank order. Returns the info vector and the summed validation stats (or None)."""
+        step, lr, evaluate = order
+        grads, stats = [o[0] for o in outs], [o[1] for o in outs]
+        _, info = self.apply(step, lr, len(outs), evaluate, *grads, *stats)
+        vals = [o[2] for o in outs if o[2] is not None]
+        return info, (np.sum(vals, axis=0) if vals else None)
+
     def snapshot(self):
         """Weights and optimizer state, for a checkpoint."""
         return {"params": self.w, **{f"opt_{k}": v for k, v in self.state.items()}}

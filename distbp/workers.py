@@ -169,3 +169,11 @@ class ShardWorker:
     def evaluate(self, *weights):
         """Loss and correct-count sums over this worker's validation rows (a stats vector)."""
         return self._run("val", weights, False)[1]
+
+    def graph_step(self, order, weights):
+        """One step inside a compiled graph: order = (step, lr, evaluate). Returns the whole
+        gradient, the stats vector, and the validation stats on evaluation steps (else None)."""
+        step, _, evaluate = order
+        grad, stats = self._run("train", [weights], evaluate, step)
+        val = self._run("val", [weights], False)[1] if evaluate and "val" in self.sets else None
+        return grad, stats, val
