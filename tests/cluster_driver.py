@@ -3,17 +3,28 @@ prints a JSON report; the failure and scale-out tests start it as a subprocess, 
 process holds one Ray at a time and the test session already has its own.
 
     python cluster_driver.py JOB_PATH OUT_DIR [--nodes N] [--kill-worker-at STEP]
-        [--kill-server-at STEP] [--remove-node-at STEP] [--set key=value ...]
+        [--kill-server-at STEP] [--remove-node-at STEP] [--set key=value ...] [--cli]
+
+With --cli the job runs through the real command, `distbp run JOB --address <cluster>`, in a
+subprocess that joins the cluster like any user's driver; the report then gives the nodes of the
+run's shard workers, read from the cluster's actor table afterwards (the failure flags need the
+in-process Trainer and are ignored).
 """
 
 import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only, before ray is imported
+# No usage stats; Ray's "disabled" report and its probes of cloud metadata at head start
+# (169.254.169.254, metadata.google.internal) go to a closed loopback port: nothing leaves 127.0.0.1.
+os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/",
+                  http_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
+                  no_proxy="127.0.0.1,localhost", NO_PROXY="127.0.0.1,localhost")
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -37,14 +48,20 @@ def main():
     ap.add_argument("--kill-server-at", type=int)
     ap.add_argument("--remove-node-at", type=int)
     ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--cli", action="store_true")
     args = ap.parse_args()
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "_system_config": FAST_HEALTH_CHECKS},
-    )
+    head_args = {"num_cpus": 1, "_system_config": FAST_HEALTH_CHECKS}
+    if args.cli:  # no dashboard: the head would wait a minute for one if another Ray holds port 8265
+        head_args["include_dashboard"] = False
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
     nodes = [cluster.add_node(num_cpus=1) for _ in range(args.nodes - 1)]
     cluster.wait_for_nodes()
+    if args.cli:
+        report = run_cli(cluster, args)
+        print(json.dumps(report))
+        cluster.shutdown()
+        return report["returncode"]
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     job = load(args.job, [f"output.dir={args.out}", *args.sets])
     trainer = Trainer(job, force=True)
@@ -84,6 +101,30 @@ def main():
     print(json.dumps(report))
     ray.shutdown()
     cluster.shutdown()
+
+
+def run_cli(cluster, args):
+    """`distbp run JOB --address <cluster>` as its own process, then the cluster's view of it."""
+    cmd = [sys.executable, "-m", "distbp", "run", args.job, "--address", cluster.address,
+           "--out", args.out, "--force", "--quiet", *[a for s in args.sets for a in ("--set", s)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    sys.stderr.write(proc.stderr)
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    from ray._private import state  # the GCS actor table keeps the actors of finished jobs
+
+    actors = sorted(state.actors().values(), key=lambda a: (a["StartTime"], a["ActorID"]))
+    report = {
+        "returncode": proc.returncode,
+        "stdout": proc.stdout,
+        "address": cluster.address,
+        "model": os.path.join(args.out, "model.npz"),
+        "nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+        "head": cluster.head_node.node_id,
+        "worker_nodes": [a["Address"]["NodeID"] for a in actors if a["ActorClassName"] == "ShardWorker"],
+        "server_nodes": [a["Address"]["NodeID"] for a in actors if a["ActorClassName"] == "ParameterServer"],
+    }
+    ray.shutdown()
+    return report
 
 
 if __name__ == "__main__":
