@@ -15,6 +15,19 @@ from .errors import ConnectError, UsageError
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
+# When its daemons start, Ray looks for cloud metadata (169.254.169.254, metadata.google.internal)
+# and reports usage statistics. An embedded, loopback-only Ray has no business on the network:
+# its daemons start with usage stats off and plain-HTTP requests sent to a closed loopback
+# port; the workers get the user's own proxy settings back, for remote data.
+PROXY_KEYS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+QUIET_DAEMONS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
+    "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+    "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
+}
+
 
 def _host_port(address):
     """('host', port) of 'host:port' or 'ray://host:port'; port None when not given."""
@@ -89,7 +102,17 @@ def connect(address, num_cpus, timeout_s=30):
         return False
     common = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True)
     if address is None:
-        ray.init(address="local", num_cpus=num_cpus, **common)
+        saved = {k: os.environ.get(k) for k in QUIET_DAEMONS}
+        workers_env = {k: saved[k] or "" for k in PROXY_KEYS}
+        os.environ.update(QUIET_DAEMONS)
+        try:
+            ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": workers_env}, **common)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         return True
     if address == "auto" and _auto_address() is None:
         raise ConnectError("cluster.address is 'auto' but no running Ray cluster was found on this machine")

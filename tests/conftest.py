@@ -4,6 +4,11 @@ import os
 
 # Ray reads this when it is first imported: loopback mode, never the machine's address.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# No Ray started by the tests (or by the CLI runs they start) talks to anything but 127.0.0.1:
+# usage stats off, and the cloud-metadata probes of Ray's daemons sent to a closed local port.
+from distbp.cluster import QUIET_DAEMONS  # noqa: E402
+
+os.environ.update(QUIET_DAEMONS)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
