@@ -22,6 +22,13 @@ class ParameterServer:
     def ping(self):
         return True
 
+    def where(self):
+        import os
+
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
     def applied_step(self):
         return self.step
 

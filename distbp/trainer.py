@@ -271,7 +271,7 @@ class Trainer:
         if not placement["resources"]:  # default: the driver's node, which a run cannot outlive anyway
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
+            placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
         cls = ray.remote(ParameterServer).options(num_cpus=0, **placement)
         self.servers = [
             cls.remote(params[a:b], kwargs, _slice_state(opt_state, a, b, params.size), _layer_bounds(self.spec, a, b), step)

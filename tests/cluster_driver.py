@@ -83,7 +83,11 @@ def main():
             report["killed"].append(["server", 0])
         if step == args.remove_node_at:
             on = {ray.get(w.where.remote())["node_id"] for w in trainer.workers}
-            node = next(n for n in nodes if n.node_id in on)  # a worker's node, not the head
+            # A worker's node, but not the driver's: on loopback every node shares 127.0.0.1, so
+            # the driver (and the parameter actor beside it) may sit on any of them, and losing
+            # the driver's node ends any run.
+            driver = ray.get_runtime_context().get_node_id()
+            node = next(n for n in nodes if n.node_id in on and n.node_id != driver)
             cluster.remove_node(node, allow_graceful=False)
             report["killed"].append(["node", node.node_id])
             # Its actors can answer until the health check marks the node dead: wait for that,
