@@ -71,9 +71,13 @@ def main():
 
     def on_step(row):
         step = row["step"]
+        if report["killed"] and trainer.replacements and "recovery_sec" not in report:  # first step after the replacement
+            report["recovery_sec"] = time.monotonic() - report.pop("killed_at")
         if step in fired:  # a replayed step: each failure happens once
             return
         fired.add(step)
+        if step in (args.kill_worker_at, args.kill_server_at, args.remove_node_at):
+            report["killed_at"] = time.monotonic()
         if step == args.kill_worker_at:
             where = ray.get(trainer.workers[1].where.remote())
             os.kill(where["pid"], signal.SIGKILL)
@@ -101,6 +105,7 @@ def main():
 
     trainer.on_step = on_step
     result = trainer.run()
+    report.pop("killed_at", None)
     report.update(model=result.model_path, replacements=result.replacements, steps=result.steps)
     print(json.dumps(report))
     ray.shutdown()
