@@ -510,12 +510,14 @@ def finalize_standardization(sum, sumsq, count, shift: np.ndarray | float = 0.0)
 def shard_moments(x: np.ndarray):
     """(count, mean, m2) per column of one shard, in float64; m2 = sum of squared deviations
     from the shard's own mean, computed in two passes so large offsets lose no precision."""
-    x = np.asarray(x, dtype=np.float64)
     if len(x) == 0:
         return 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
-    mean = x.mean(axis=0)
-    d = x - mean
-    return len(x), mean, np.einsum("ij,ij->j", d, d)
+    mean = x.mean(axis=0, dtype=np.float64)
+    m2 = np.zeros(x.shape[1])
+    for start in range(0, len(x), 8192):  # float64 a block at a time: no full-size copy
+        d = x[start : start + 8192].astype(np.float64) - mean
+        m2 += np.einsum("ij,ij->j", d, d)
+    return len(x), mean, m2
 
 
 def merge_moments(parts):

@@ -64,9 +64,10 @@ class ShardWorker:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def _read(self, source, start, stop):
+        """(label columns, features (rows, n_0) in the model's dtype): the only copy kept."""
         table = source.read_rows(start, stop, columns=[*self.plan.features, *self.plan.labels])
-        x = data.features_to_numpy(table, list(self.plan.features), np.float64)  # (rows, n_0)
-        return table, x
+        x = data.features_to_numpy(table, list(self.plan.features), self.plan.spec.np_dtype)
+        return table.select(list(self.plan.labels)), x
 
     def _checked_values(self, table, x):
         """The values whose NaN or inf must be caught: the features, plus regression targets."""
@@ -79,12 +80,10 @@ class ShardWorker:
         label values, feature moment sums over training rows, and row counts."""
         p = self.plan
         table, x = self._read(p.source, p.start, p.stop)
-        is_val = np.zeros(len(x), bool)
+        parts = {"train": (table, x)}
         if p.validation_fraction:
             is_val = data.validation_mask(p.start, p.stop, p.validation_fraction, p.seed)
-        parts = {"train": (table.filter(~is_val), x[~is_val])}
-        if p.validation_fraction:
-            parts["val"] = (table.filter(is_val), x[is_val])
+            parts = {"train": (table.filter(~is_val), x[~is_val]), "val": (table.filter(is_val), x[is_val])}
         elif p.validation_source is not None:
             parts["val"] = self._read(p.validation_source, *p.validation_range)
         summary = {"nonfinite": {}, "dropped": 0, "labels": [], "rows": {}}
@@ -111,8 +110,9 @@ class ShardWorker:
         self.offset, self.n_train = offset, n_train
         self.sets = {}
         for name, (tab, x) in self.raw.items():
-            if mean is not None:
-                x = (x - mean) / std
+            if mean is not None:  # in place: x is this worker's own copy
+                x -= mean.astype(dtype)
+                x /= std.astype(dtype)
             x = np.ascontiguousarray(x, dtype=dtype)
             if p.task == "classification":
                 y = data.encode_labels(data.label_values(tab, p.labels[0]), classes)
