@@ -27,8 +27,9 @@ def _dict_of(job):
 
 
 def spec_of(job):
-    m = job.model
-    return nn.Spec(tuple(m.layers), tuple(m.activations), m.output, m.loss, m.init, m.dtype)
+    from .trainer import spec_of
+
+    return spec_of(job)
 
 
 def dry_run(job):

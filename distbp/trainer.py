@@ -95,9 +95,13 @@ def prepare(job):
     if job.validation_path():
         val_source = data.open_source(job.validation_path(), job.data.format)
         data.select_columns(val_source, features, labels, job.data.task)
+    return Prepared(spec_of(job), source, features, labels, val_source)
+
+
+def spec_of(job):
+    """The network spec of a job's model section."""
     m = job.model
-    spec = nn.Spec(tuple(m.layers), tuple(m.activations), m.output, m.loss, m.init, m.dtype)
-    return Prepared(spec, source, features, labels, val_source)
+    return nn.Spec(tuple(m.layers), tuple(m.activations), m.output, m.loss, m.init, m.dtype)
 
 
 def _unwrap(err):
@@ -162,9 +166,6 @@ class _Step:
     info: list  # per parameter actor: summed stats, slowest compute, layer squares
     val: list | None  # per worker: validation stats at `weights`
     barrier: bool  # submit nothing after this step until it is recorded
-
-
-RECOVERABLE = ()  # filled in by _recoverable() once ray is imported
 
 
 def _recoverable():
