@@ -88,12 +88,12 @@ def sigmoid(z, out=None):
     return out
 
 
-ACTIVATIONS = {
-    "identity": Identity(),
+ACTIVATIONS = {  # the one table of activations: the job schema and the network read it
     "sigmoid": Sigmoid(),
     "tanh": Tanh(),
     "relu": LeakyReLU(alpha=0.0, name="relu"),
     "leaky_relu": LeakyReLU(alpha=0.01),
+    "identity": Identity(),
 }
 
 

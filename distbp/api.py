@@ -27,15 +27,15 @@ def _dict_of(job):
 
 
 def spec_of(job):
-    from .trainer import spec_of
+    from .checks import spec_of
 
     return spec_of(job)
 
 
 def dry_run(job):
     """Validate the job and the data's schema (columns, types, input width) without Ray.
-    Returns the trainer's Prepared, or None when the data is still to be made by data.make."""
-    from .trainer import prepare
+    Returns the checks' Prepared, or None when the data is still to be made by data.make."""
+    from .checks import prepare
 
     path = job.data_path()
     if job.data.make and path and "://" not in path and not os.path.exists(path):

@@ -25,7 +25,13 @@ WORKLOADS = {
     "teacher": dict(layers=(784, 256, 128, 10), rows=60_000, dtype="float32", activation="relu", output="softmax", loss="cross_entropy"),
     "tiny": dict(layers=(2, 16, 16, 1), rows=256, dtype="float64", activation="relu", output="sigmoid", loss="binary_cross_entropy"),
     "wide": dict(layers=(2048, 2048, 2048, 10), rows=8_192, dtype="float32", activation="relu", output="softmax", loss="cross_entropy"),
+    # one mini-batch-sized step: the teacher network on the first 512 rows of its data
+    "batch512": dict(layers=(784, 256, 128, 10), rows=512, dtype="float32", activation="relu", output="softmax", loss="cross_entropy"),
 }
+PHASES = ("imports", "ray_start", "actor_start", "data_read", "first_step", "plot", "shutdown")
+MIN_SECONDS = 3.0  # each distributed point runs at least this long (or MAX_STEPS steps)
+MAX_STEPS = 2000
+FIXED_GUESS_S = 0.003  # a step's fixed cost, for choosing a step count before measuring
 
 
 def _spec(w):
@@ -78,17 +84,29 @@ def single_process(spec, rows, chunk_rows, steps, warmup=2):
     return times
 
 
+def workload_data(layers, rows, seed=0):
+    """(x (rows, n_0) float32, labels (rows,) int64): the random rows of a workload (speed does
+    not depend on them). The peer baselines in benchmarks/ train on exactly these."""
+    x = np.random.default_rng(seed).standard_normal((rows, layers[0]), dtype=np.float32)
+    labels = np.random.default_rng(seed + 1).integers(0, max(layers[-1], 2), rows)  # own stream: a prefix of rows is a prefix of labels
+    return x, labels
+
+
+def workload_params(name, seed=0):
+    """The flat initial weights every system starts a workload from (He init, zero biases)."""
+    return nn.init_params(_spec(WORKLOADS[name]), np.random.default_rng(seed))
+
+
 def _write_random_table(path, layers, rows, seed):
-    """Random features and labels (speed does not depend on them), written by a child process
-    so the driver's own memory stays that of a driver."""
+    """The workload's rows as Parquet, written by a child process so the driver's own memory
+    stays that of a driver."""
     import pyarrow as pa
 
     from . import data
 
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, layers[0]), dtype=np.float32)
+    x, labels = workload_data(layers, rows, seed)
     columns = {f"x{i}": x[:, i] for i in range(layers[0])}
-    columns["label"] = rng.integers(0, max(layers[-1], 2), rows)
+    columns["label"] = labels
     data.write_table(pa.table(columns), path, row_group_size=8192)
 
 
@@ -106,8 +124,20 @@ def _pss_mb(pid):
     return total / 2**20
 
 
+def steps_for(spec, rows, workers, steps=None, min_seconds=MIN_SECONDS):
+    """Timed steps for one point: `steps` if given, else enough for `min_seconds` of steps
+    (10 to MAX_STEPS), guessed from the ceiling on a 512-row sample plus a fixed cost, so that
+    millisecond-scale steps are sampled by time rather than by a handful of steps."""
+    if steps:
+        return steps
+    sample = min(rows, 512)
+    guess = ceiling_sec(spec, sample, 1, repeats=3) * rows / sample / workers + FIXED_GUESS_S
+    return int(min(MAX_STEPS, max(10, np.ceil(min_seconds / guess))))
+
+
 def distributed(job_dict, workers, steps, warmup, workdir):
-    """One embedded-Ray run of `job_dict` with `workers` workers; per-step times and memory."""
+    """One embedded-Ray run of `job_dict` with `workers` workers; per-step times, memory,
+    the step engine that ran and the start-up and finish phases."""
     from .api import load
     from .trainer import Trainer
 
@@ -117,7 +147,8 @@ def distributed(job_dict, workers, steps, warmup, workdir):
     trainer = Trainer(job, force=True)
 
     def on_step(row):
-        stamps.append(time.perf_counter())
+        stamps.append(row["seconds"])  # when the step was applied: rows may reach the driver in batches
+        memory.setdefault("first_row_at", time.time())
         compute.append(row["compute_sec"])
         if row["step"] == warmup + steps:
             import ray
@@ -126,14 +157,16 @@ def distributed(job_dict, workers, steps, warmup, workdir):
             memory["rss_mb_worker_max"] = max(ray.get([w.peak_rss_mb.remote() for w in trainer.workers]))
 
     trainer.on_step = on_step
-    start = time.perf_counter()
-    trainer.run()
+    start = time.time()
+    result = trainer.run()
     per_step = np.diff(stamps)[warmup:]
     return {
+        "engine": result.engine,
+        "phases": {k: round(result.phases.get(k, 0.0), 4) for k in PHASES},
         "sec_per_step": float(np.median(per_step)),
         "sec_per_step_min": float(per_step.min()),
         "compute_sec": float(np.median(compute[warmup + 1 :])),
-        "startup_sec": stamps[0] - start,
+        "startup_sec": memory.pop("first_row_at") - start,
         **memory,
     }
 
@@ -155,7 +188,7 @@ def machine():
     }
 
 
-def run(workload="teacher", job_path=None, max_workers=2, steps=10, warmup=3, parameter_servers=1, log=lambda m: None):
+def run(workload="teacher", job_path=None, max_workers=2, steps=None, warmup=3, parameter_servers=1, log=lambda m: None):
     """The whole report: {"machine": ..., "results": [...]} with DESIGN section 6's keys."""
     from .api import load, spec_of
     from .job import job_to_dict
@@ -165,7 +198,7 @@ def run(workload="teacher", job_path=None, max_workers=2, steps=10, warmup=3, pa
             job = load(job_path)
             spec, name = spec_of(job), job.name
             from . import data
-            from .trainer import ensure_data
+            from .checks import ensure_data
 
             ensure_data(job, log)
             rows = data.open_source(job.data_path(), job.data.format).num_rows
@@ -188,17 +221,19 @@ def run(workload="teacher", job_path=None, max_workers=2, steps=10, warmup=3, pa
         nominal = 6 * rows * sum(a * b for a, b in zip(spec.layers, spec.layers[1:]))  # weights, as the peers count
         results = []
         for k in range(1, max_workers + 1):
-            log(f"{name}: {k} worker(s)")
-            d = distributed(job_dict, k, steps, warmup, workdir)
-            results.append({"workload": name, "workers": k, "threads_per_worker": 1, "steps": steps, **d})
+            n = steps_for(spec, rows, k, steps)
+            log(f"{name}: {k} worker(s), {n} steps")
+            d = distributed(job_dict, k, n, warmup, workdir)
+            results.append({"workload": name, "workers": k, "threads_per_worker": 1, "steps": n, **d})
         driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the in-process parts
         log(f"{name}: ceiling and single process")
         ceilings = {k: ceiling_sec(spec, rows, k) for k in range(1, max_workers + 1)}
-        single = single_process(spec, rows, chunk_rows, steps)
+        single_steps = steps or max(10, min(MAX_STEPS, int(MIN_SECONDS / ceilings[1])))
+        single = single_process(spec, rows, chunk_rows, single_steps)
         for r in results:
             r["rss_mb_driver"] = driver_rss
         results.insert(0, {
-            "workload": name, "workers": 0, "threads_per_worker": 1, "steps": steps, "mode": "single process",
+            "workload": name, "workers": 0, "threads_per_worker": 1, "steps": single_steps, "mode": "single process",
             "sec_per_step": statistics.median(single), "sec_per_step_min": min(single),
             "compute_sec": statistics.median(single), "startup_sec": 0.0,
             "pss_mb_total": None, "rss_mb_driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_mb_worker_max": None,
@@ -214,18 +249,34 @@ def run(workload="teacher", job_path=None, max_workers=2, steps=10, warmup=3, pa
 
 
 def table(report):
-    """The report as aligned text, one line per result."""
-    head = ["workload", "mode", "workers", "sec/step", "min", "ceiling", "ratio", "GFLOP/s", "compute", "overhead", "startup", "PSS MB", "worker MB"]
+    """The report as aligned text, one line per result, then one conclusion per workload."""
+    head = ["workload", "run", "engine", "steps", "ms/step", "min ms", "ceiling ms", "x ceiling", "GFLOP/s",
+            "compute ms", "fixed ms", "start-up s", "PSS MB", "worker MB"]
     lines = [head]
+    ms = lambda v: "-" if v is None else f"{v * 1e3:.3g}"  # noqa: E731
+    num = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
     for r in report["results"]:
-        fmt = lambda v, f="{:.4f}": "-" if v is None else f.format(v)  # noqa: E731
+        run = "1 process" if r["workers"] == 0 else f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}"
         lines.append([
-            r["workload"], r["mode"], str(r["workers"]), fmt(r["sec_per_step"], "{:.4g}"), fmt(r["sec_per_step_min"], "{:.4g}"), fmt(r["ceiling_sec"], "{:.4g}"),
-            fmt(r["ceiling_ratio"], "{:.2f}"), fmt(r["gflops_nominal"], "{:.1f}"), fmt(r["compute_sec"], "{:.4g}"), fmt(r["comm_overhead_sec"], "{:.4g}"),
-            fmt(r["startup_sec"], "{:.1f}"), fmt(r["pss_mb_total"], "{:.0f}"), fmt(r["rss_mb_worker_max"], "{:.0f}"),
+            r["workload"], run, r.get("engine", "-"), str(r["steps"]), ms(r["sec_per_step"]), ms(r["sec_per_step_min"]),
+            ms(r["ceiling_sec"]), num(r["ceiling_ratio"], "{:.2f}"), num(r["gflops_nominal"], "{:.1f}"), ms(r["compute_sec"]),
+            ms(r["comm_overhead_sec"]) if r["workers"] else "-", num(r["startup_sec"], "{:.1f}") if r["workers"] else "-",
+            num(r["pss_mb_total"], "{:.0f}"), num(r["rss_mb_worker_max"], "{:.0f}"),
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines)
+    text = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines]
+    return "\n".join(text + [conclusion(report, name) for name in dict.fromkeys(r["workload"] for r in report["results"])])
+
+
+def conclusion(report, workload):
+    """One line: the most workers against one process and against their ceiling."""
+    rows = [r for r in report["results"] if r["workload"] == workload]
+    single = next(r for r in rows if r["workers"] == 0)
+    top = max(rows, key=lambda r: r["workers"])
+    return (
+        f"{workload}: {top['workers']} workers {single['sec_per_step'] / top['sec_per_step']:.2f}x as fast as 1 process, "
+        f"{top['ceiling_ratio']:.2f}x the {top['workers']}-thread ceiling, fixed cost {top['comm_overhead_sec'] * 1e3:.2f} ms/step"
+    )
 
 
 def merge(reports):

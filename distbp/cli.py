@@ -9,6 +9,9 @@ import sys
 
 import click
 
+from .bench import WORKLOADS
+from .datasets import KINDS
+from .engine import ENGINES
 from .errors import DistbpError
 
 # Set DISTBP_DEBUG=1 to see the traceback of an unexpected error.
@@ -95,9 +98,10 @@ def main():
 @click.option("--force", is_flag=True, help="Replace a run already in the output folder.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any job key, e.g. --set train.optimizer.lr=0.01.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--verbose", is_flag=True, help="Also print the set-up line (workers, engine) and the time of each start-up and finish phase.")
 @click.option("--dry-run", is_flag=True, help="Validate the job and the data schema, then exit.")
 @one_line_errors
-def run(job_file, workers, address, out_dir, resume, force, sets, quiet, dry_run):
+def run(job_file, workers, address, out_dir, resume, force, sets, quiet, verbose, dry_run):
     """Train the network of JOB on Ray."""
     from . import api
 
@@ -113,7 +117,7 @@ def run(job_file, workers, address, out_dir, resume, force, sets, quiet, dry_run
         else:
             click.echo(f"ok: {job.source}: {prep.source.num_rows} rows, {len(prep.features)} features, {prep.spec.num_params} parameters")
         return
-    result = _run_with_progress(job, resume, force, quiet)
+    result = _run_with_progress(job, resume, force, quiet, verbose)
     if result.already_finished:
         click.echo(f"{result.out_dir}: already finished at step {result.steps}")
         return
@@ -125,9 +129,11 @@ def run(job_file, workers, address, out_dir, resume, force, sets, quiet, dry_run
     click.echo(f"done: {result.steps} steps{early} in {final.get('seconds', 0):.1f} s, loss {final.get('loss', float('nan')):.4f}{acc}{val} -> {result.model_path}")
     if result.plot_path:
         click.echo(f"plot: {result.plot_path}")
+    if verbose:
+        click.echo("phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.phases.items()), err=True)
 
 
-def _run_with_progress(job, resume, force, quiet):
+def _run_with_progress(job, resume, force, quiet, verbose=False):
     from .trainer import Trainer
 
     messages = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
@@ -141,7 +147,8 @@ def _run_with_progress(job, resume, force, quiet):
             bar.update(row["step"] - (state["last"] or row["step"] - 1), f"loss {row['loss']:.4f}{acc} {rate:.1f} steps/s")
         state["last"] = row["step"]
 
-    trainer = Trainer(job, resume=resume, force=force, log=messages, on_step=on_step)
+    detail = (lambda m: click.echo(m, err=True)) if verbose else None
+    trainer = Trainer(job, resume=resume, force=force, log=messages, on_step=on_step, detail=detail)
 
     def on_signal(signum, frame):
         if trainer.stop_requested:  # a second signal: go now, keep the previous checkpoint
@@ -222,16 +229,16 @@ def predict(model_path, data_path, out_path):
 
 @main.command()
 @click.argument("job_file", metavar="[JOB]", required=False)
-@click.option("--workload", "workloads", type=click.Choice(["teacher", "tiny", "wide"]), multiple=True, help="teacher (default), tiny or wide; repeat for several.")
+@click.option("--workload", "workloads", type=click.Choice(list(WORKLOADS)), multiple=True, help="teacher (default), tiny, wide or batch512; repeat for several.")
 @click.option("--max-workers", type=int, default=2, show_default=True, help="Time 1..N workers, 1 BLAS thread each.")
-@click.option("--steps", type=int, default=10, show_default=True, help="Timed steps per point (after warm-up).")
-@click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--parameter-servers", type=int, default=1, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (DESIGN section 6).")
+@click.option("--steps", type=click.IntRange(min=1), help="Timed steps per point (after warm-up); default: enough for 3 s, 10 to 2000.")
+@click.option("--warmup", type=click.IntRange(min=1), default=3, show_default=True, help="Untimed steps before the timed ones.")
+@click.option("--parameter-servers", type=click.IntRange(min=1), default=1, show_default=True, help="Parameter actors (slices of the parameter vector).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (its keys: docs/bench.md).")
 @click.option("--model", "scaling", is_flag=True, help="Also predict time per step on 1..256 cloud workers (docs/scaling.md).")
 @click.option("--bandwidth-gbit", type=float, default=10.0, show_default=True, help="Network bandwidth for --model.")
 @click.option("--chart", "chart_path", help="Also draw time per step against workers into this PNG.")
-@click.option("--engine", type=click.Choice(["tasks", "graph"]), default="tasks", show_default=True, help="Ray tasks, or the experimental compiled graph (DISTBP_ENGINE).")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="direct", show_default=True, help="The step engine: Ray's compiled graph, or plain Ray tasks (as DISTBP_ENGINE).")
 @one_line_errors
 def bench(job_file, workloads, max_workers, steps, warmup, parameter_servers, as_json, scaling, bandwidth_gbit, chart_path, engine):
     """Time per step against the matrix-product ceiling: one process and 1..N Ray workers."""
@@ -261,7 +268,7 @@ def data_group():
 
 
 @data_group.command("make")
-@click.argument("kind", type=click.Choice(["xor", "spirals", "blobs", "teacher", "digits"]))
+@click.argument("kind", type=click.Choice(list(KINDS)))
 @click.option("--rows", type=int, help="Rows to generate (not for digits).")
 @click.option("-o", "--out", "out_path", required=True, help="Output file: .parquet, .csv or .feather.")
 @click.option("--seed", type=int, default=0, show_default=True)

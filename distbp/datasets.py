@@ -8,9 +8,13 @@ scikit-learn is imported only for `digits`.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
+
+from typing import TYPE_CHECKING
 
 from distbp.errors import DataError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DIGITS_ROWS = 1797
 
@@ -18,6 +22,8 @@ DIGITS_ROWS = 1797
 def _table(x: np.ndarray, label: np.ndarray) -> pa.Table:
     """x: (rows, features); each column becomes x<j>. The copy to column order keeps each
     column contiguous, so pyarrow can wrap it without another copy."""
+    import pyarrow as pa  # here, so that the job schema can read KINDS without pyarrow
+
     columns = np.ascontiguousarray(x.T)  # (features, rows)
     data = {f"x{j}": pa.array(columns[j]) for j in range(columns.shape[0])}
     data["label"] = pa.array(label.astype(np.int64))
@@ -91,6 +97,8 @@ def teacher(rows: int, rng: np.random.Generator, layers=(784, 256, 128, 10),
             activations = zs if l == len(weights) - 1 else np.tanh(zs)
         label[lo:hi] = activations.argmax(axis=1)
         columns[:, lo:hi] = x.T
+    import pyarrow as pa
+
     data = {f"x{j}": pa.array(columns[j]) for j in range(layers[0])}
     data["label"] = pa.array(label)
     return pa.table(data)

@@ -4,7 +4,8 @@ A job file is YAML (DESIGN.md section 3). `load_job` reads it, applies `--set ke
 overrides, fills in every default and checks every value, raising a one-line `JobError` that
 names the dotted key (`job.yaml: train.optimizer.lr: expected a number > 0, got -1`).
 The result is a frozen tree of dataclasses; each field states its default and its check once.
-Only stdlib and yaml are imported here: no numpy, ray or pyarrow.
+Besides stdlib and yaml it reads only the name registries of the modules that implement each
+name (activations, losses, initialisers, optimizers, schedules, data sets): no ray, pyarrow or click.
 """
 
 from __future__ import annotations
@@ -23,11 +24,18 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from distbp import activations as _activations
+from distbp import datasets as _datasets
+from distbp import losses as _losses
+from distbp import nn as _nn
+from distbp import optim as _optim
+from distbp import schedule as _schedule
 from distbp.errors import JobError
 
-ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "identity")
-LOSS_FOR_OUTPUT = {"softmax": "cross_entropy", "sigmoid": "binary_cross_entropy", "identity": "mse"}
-MAKE_KINDS = ("xor", "spirals", "blobs", "teacher", "digits")
+# Every name a key accepts comes from the one registry of the module that implements it.
+ACTIVATIONS = tuple(_activations.ACTIVATIONS)
+LOSS_FOR_OUTPUT = {loss.output: name for name, loss in _losses.LOSSES.items()}
+MAKE_KINDS = tuple(_datasets.KINDS)
 DEFAULT_STEPS = 500
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, file://: left as written
 _REQUIRED = object()
@@ -256,7 +264,7 @@ class ModelCfg:
     activation: str | list[str] = _spec("tanh", _check_activation)
     output: str = _one_of(*LOSS_FOR_OUTPUT)
     loss: str = _one_of(*LOSS_FOR_OUTPUT.values())  # load_job: a missing loss pairs with output
-    init: str = _one_of("xavier", "he", "normal")
+    init: str = _one_of(*_nn.INITS)
     dtype: str = _one_of("float32", "float64")
 
     @property
@@ -268,7 +276,7 @@ class ModelCfg:
 
 @dataclass(frozen=True)
 class OptimizerCfg:
-    name: str = _one_of("adam", "sgd", "momentum", "nesterov")
+    name: str = _one_of("adam", *(n for n in _optim.OPTIMIZERS if n != "adam"))  # adam first: the default
     lr: float = _num(0.01, gt=0)
     momentum: float = _num(0.9, ge=0, lt=1)
     beta1: float = _num(0.9, ge=0, lt=1)
@@ -279,7 +287,7 @@ class OptimizerCfg:
 
 @dataclass(frozen=True)
 class ScheduleCfg:
-    name: str = _one_of("constant", "step", "cosine")
+    name: str = _one_of(*_schedule.SCHEDULES)
     warmup_steps: int = _int(0, ge=0)
     gamma: float = _num(0.1, gt=0, le=1)  # step: lr *= gamma every `every` steps
     every: int | None = _int(None, ge=1)

@@ -66,6 +66,17 @@ class Spec:
         return out
 
 
+def slice_layers(spec, a, b):
+    """[(layer, start, stop)] of each layer's part of the flat slice [a, b), in slice
+    coordinates: how a parameter actor's slice maps onto layers (0-based)."""
+    out = []
+    for l, (w0, _, b1) in enumerate(spec.offsets()):
+        lo, hi = max(a, w0), min(b, b1)
+        if lo < hi:
+            out.append((l, lo - a, hi - a))
+    return out
+
+
 def views(spec, flat):
     """[(W_l, b_l)] views into `flat`, W_l (n_in, n_out) and b_l (n_out,); writes go through."""
     return [

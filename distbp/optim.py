@@ -86,13 +86,17 @@ class Adam(Optimizer):
         w -= g
 
 
+OPTIMIZERS = {  # name -> factory(momentum, beta1, beta2, eps, weight_decay)
+    "sgd": lambda momentum, beta1, beta2, eps, weight_decay: SGD(weight_decay),
+    "momentum": lambda momentum, beta1, beta2, eps, weight_decay: Momentum(momentum, False, weight_decay),
+    "nesterov": lambda momentum, beta1, beta2, eps, weight_decay: Momentum(momentum, True, weight_decay),
+    "adam": lambda momentum, beta1, beta2, eps, weight_decay: Adam(beta1, beta2, eps, weight_decay),
+}
+
+
 def make(name, momentum=0.9, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
-    """The optimizer `name` (sgd | momentum | nesterov | adam) with its hyper-parameters.
+    """The optimizer `name` (a key of OPTIMIZERS) with its hyper-parameters.
     The learning rate is passed to each `step`, so schedules stay outside."""
-    if name == "sgd":
-        return SGD(weight_decay)
-    if name in ("momentum", "nesterov"):
-        return Momentum(momentum, nesterov=name == "nesterov", weight_decay=weight_decay)
-    if name == "adam":
-        return Adam(beta1, beta2, eps, weight_decay)
-    raise KeyError(f"unknown optimizer {name!r}; expected sgd, momentum, nesterov or adam")
+    if name not in OPTIMIZERS:
+        raise KeyError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](momentum, beta1, beta2, eps, weight_decay)

@@ -24,6 +24,28 @@ from __future__ import annotations
 import math
 
 
+def _constant(base_lr, s, schedule, total_steps):
+    return float(base_lr)
+
+
+def _step(base_lr, s, schedule, total_steps):
+    if not schedule.every:
+        raise ValueError("the step schedule needs `every` >= 1")
+    return base_lr * schedule.gamma ** (s // schedule.every)
+
+
+def _cosine(base_lr, s, schedule, total_steps):
+    if total_steps is None:
+        raise ValueError("the cosine schedule needs total_steps")
+    span = max(1, total_steps - schedule.warmup_steps - 1)
+    progress = min(s, span) / span  # 0 at the first post-warm-up step, 1 at the last step
+    return schedule.min_lr + (base_lr - schedule.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# name -> lr(base_lr, s = post-warm-up steps taken before this one, schedule, total_steps)
+SCHEDULES = {"constant": _constant, "step": _step, "cosine": _cosine}
+
+
 def learning_rate(step: int, base_lr: float, schedule, total_steps: int | None = None) -> float:
     """The learning rate applied at optimizer step `step` (1-based); never negative."""
     if step < 1:
@@ -33,17 +55,6 @@ def learning_rate(step: int, base_lr: float, schedule, total_steps: int | None =
     warmup = schedule.warmup_steps
     if step <= warmup:
         return base_lr * step / warmup
-    s = step - warmup - 1  # post-warm-up steps taken before this one
-    if schedule.name == "constant":
-        return float(base_lr)
-    if schedule.name == "step":
-        if not schedule.every:
-            raise ValueError("the step schedule needs `every` >= 1")
-        return base_lr * schedule.gamma ** (s // schedule.every)
-    if schedule.name == "cosine":
-        if total_steps is None:
-            raise ValueError("the cosine schedule needs total_steps")
-        span = max(1, total_steps - warmup - 1)
-        progress = min(s, span) / span  # 0 at the first post-warm-up step, 1 at the last step
-        return schedule.min_lr + (base_lr - schedule.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule {schedule.name!r}; expected constant, step or cosine")
+    if schedule.name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule.name!r}; expected one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[schedule.name](base_lr, step - warmup - 1, schedule, total_steps)

@@ -1,23 +1,31 @@
 """The parameter actor: owns one contiguous slice of the flat parameter vector and its
 optimizer state, adds the workers' partial gradients in rank order, divides once by the
-row count, and steps. A thin wrapper over optim.py."""
+row count, and steps. A thin wrapper over optim.py; its messages are in messages.py."""
+
+import time
+from collections import deque
 
 import numpy as np
 
-from . import optim
+from . import link, optim
 from .errors import TrainingError
-from .workers import COUNT, LOSS, SECONDS
+from .messages import COUNT, LOSS, StepInfo, add_sums
 
+RECENT = 512  # StepInfos kept for the driver to read after a failure: more than a window
 
 class ParameterServer:
-    def __init__(self, params, optimizer, opt_state=None, layer_bounds=(), step=0):
+    def __init__(self, params, optimizer, opt_state=None, layer_bounds=(), step=0, best=None, num_layers=1):
         self.w = np.array(params)  # (slice,) owned, writable copy
         self.grad = np.empty_like(self.w)
         self.opt = optim.make(**optimizer)
         self.state = opt_state if opt_state is not None else self.opt.init_state(len(self.w), self.w.dtype)
         self.state = {k: np.array(v) for k, v in self.state.items()}
         self.layer_bounds = list(layer_bounds)  # [(layer, start, stop)] within this slice
+        self.sums_size = link.sums_size(num_layers)
         self.step = step  # the last step applied
+        self.kept = None  # (step, input weights) of the last step applied with order.keep
+        self.recent = deque(maxlen=RECENT)  # the StepInfos of the last steps applied
+        self.best = None if best is None else np.array(best)  # early stopping: the best step's weights
 
     def ping(self):
         return True
@@ -35,47 +43,117 @@ class ParameterServer:
     def weights(self):
         return self.w
 
+    def publish(self, order):
+        """The weights for step `order.step` (the compiled graph's first call of a step)."""
+        return self.w
+
     def assemble(self, num_workers, *parts, step=None):
-        """The mean gradient of this slice: parts = K gradient slices then K stats vectors,
-        added in worker-rank order (never arrival order) and divided once by the row count.
-        Returns the buffer it writes into (a copy when called remotely)."""
-        grads, stats = parts[:num_workers], parts[num_workers:]
+        """The mean gradient of this slice: parts = K gradient slices then K Sums, added in
+        worker-rank order (never arrival order) and divided once by the row count. Returns
+        (buffer it writes into, the added Sums as (train, val, slowest))."""
+        grads, sums = parts[:num_workers], parts[num_workers:]
         np.copyto(self.grad, grads[0])
         for g in grads[1:]:  # fixed order: bit-reproducible
             self.grad += g
-        self.totals = totals = np.sum(stats, axis=0)
-        if not np.isfinite(totals[LOSS]) or not np.isfinite(self.grad.sum(dtype=np.float64)):
+        return self._mean(sums, step)
+
+    def _mean(self, sums, step):
+        """self.grad holds the rank-order sum of the slices: check it, divide by the row count."""
+        totals = add_sums(sums)
+        if not np.isfinite(totals[0][LOSS]) or not np.isfinite(self.grad.sum(dtype=np.float64)):
             raise TrainingError(
                 f"training diverged at step {step}: the loss or gradient is NaN or inf",
                 hint="lower train.optimizer.lr",
             )
-        self.grad /= totals[COUNT]
-        return self.grad
+        self.grad /= totals[0][COUNT]
+        return self.grad, totals
 
-    def apply(self, step, lr, num_workers, norms, *parts):
-        """Assemble the mean gradient and take one optimizer step. Returns the new weights and
-        an info vector: the summed worker stats, then (when `norms`) each layer's sum of
-        squares of the mean gradient within this slice. The info of an applied step stays
-        readable from here even if a worker is lost afterwards."""
-        grad = self.assemble(num_workers, *parts, step=step)
-        squares = [np.dot(grad[a:b], grad[a:b]) for _, a, b in self.layer_bounds] if norms else []
-        worst = max(s[SECONDS] for s in parts[num_workers:])
-        self.opt.step(self.w, grad, self.state, lr)
-        self.step = step
-        return self.w, np.concatenate([self.totals, [worst], squares])
+    def apply(self, order, num_workers, *parts):
+        """Assemble the mean gradient and take one optimizer step. Returns a StepInfo. Only
+        the step after the last applied one is taken: a step handed twice is refused, so a
+        redo after a failure can never apply an update twice."""
+        self._check_next(order)
+        return self._step(order, *self.assemble(num_workers, *parts, step=order.step))
 
-    def graph_weights(self, order):
-        return self.w
+    def _check_next(self, order):
+        if order.step != self.step + 1:
+            raise TrainingError(f"parameter actor: asked to apply step {order.step} after step {self.step}")
 
-    def graph_apply(self, order, *outs):
-        """The compiled-graph form of `apply`: outs are the workers' graph_step results in
-        rank order. Returns the info vector and the summed validation stats (or None)."""
-        step, lr, evaluate = order
-        grads, stats = [o[0] for o in outs], [o[1] for o in outs]
-        _, info = self.apply(step, lr, len(outs), evaluate, *grads, *stats)
-        vals = [o[2] for o in outs if o[2] is not None]
-        return info, (np.sum(vals, axis=0) if vals else None)
+    def _step(self, order, grad, totals):
+        train, val, slowest = totals
+        squares = np.array([np.dot(grad[a:b], grad[a:b]) for _, a, b in self.layer_bounds] if order.evaluate else [])
+        if order.keep:
+            self.kept = (order.step, self.w.copy())
+        self.opt.step(self.w, grad, self.state, order.lr)
+        self.step = order.step
+        self.recent.append(StepInfo(order.step, train, val, slowest, squares, time.time()))
+        return self.recent[-1]
+
+    def infos_after(self, step):
+        """The StepInfos of the steps applied after `step` (those a failure kept from the driver)."""
+        return [info for info in self.recent if info.step > step]
+
+    def apply_publish(self, order, num_workers, *parts):
+        """`apply`, then the new weights: the task engine chains their reference into the next step."""
+        info = self.apply(order, num_workers, *parts)
+        return self.w, info
+
+    def promote(self, step):
+        """Early stopping: the kept input weights of `step` become the best weights."""
+        if self.kept is None or self.kept[0] != step:
+            raise TrainingError(f"parameter actor: no weights kept for step {step}")
+        self.best = self.kept[1]
+        return True
 
     def snapshot(self):
-        """Weights and optimizer state, for a checkpoint."""
-        return {"params": self.w, **{f"opt_{k}": v for k, v in self.state.items()}}
+        """Weights, optimizer state and the best weights (if any), for a checkpoint."""
+        best = {} if self.best is None else {"best": self.best}
+        return {"params": self.w, **best, **{f"opt_{k}": v for k, v in self.state.items()}}
+
+    # -- the direct engine ---------------------------------------------------------------
+    def listen(self):
+        """Open a port on this node's Ray address for the workers' links; returns (host, port)."""
+        import ray
+
+        self.disconnect()
+        self.server_socket, address = link.listen(ray.util.get_node_ip_address())
+        self.links = []
+        return address
+
+    def accept(self, num_workers, secret, timeout_s):
+        self.links = link.accept(self.server_socket, num_workers, secret, timeout_s)
+        self.recv_buf = np.empty_like(self.w)
+        return True
+
+    def run(self, orders):
+        """Carry out a window of steps over the links: per step, send the order and this
+        slice's weights to every worker, receive their gradient slices in rank order (the
+        first into the sum buffer, each next one added to it), then step. Returns the StepInfos."""
+        infos, weights = [], link.as_bytes(self.w)
+        try:
+            for order in orders:
+                self._check_next(order)
+                head = link.pack_order(order)
+                for conn in self.links:
+                    link.send(conn, head, weights)
+                sums = []
+                for k, conn in enumerate(self.links):  # fixed order: bit-reproducible
+                    link.recv_into(conn, link.as_bytes(self.grad if k == 0 else self.recv_buf))
+                    if k:
+                        self.grad += self.recv_buf
+                    sums.append(link.unpack_sums(link.recv_exact(conn, self.sums_size)))
+                infos.append(self._step(order, *self._mean(sums, order.step)))
+            for conn in self.links:
+                link.send(conn, link.END)
+        except BaseException:
+            self.disconnect()  # the workers see the link close and stop too
+            raise
+        return infos
+
+    def disconnect(self):
+        link.close(getattr(self, "links", []))
+        self.links = []
+        if getattr(self, "server_socket", None) is not None:
+            self.server_socket.close()
+            self.server_socket = None
+        return True

@@ -1,5 +1,6 @@
 """The shard worker actor: owns rows [start, stop) of the data, reads them itself, and returns
-gradient sums for the weights it is sent. A thin wrapper over data.py and nn.py."""
+gradient sums for the weights it is sent. A thin wrapper over data.py and nn.py; what it
+returns is defined in messages.py."""
 
 import os
 import time
@@ -9,10 +10,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import data, nn, sampling
-
-# stats vector a worker returns with each gradient: sums that add across workers
-LOSS, COUNT, CORRECT, SECONDS = 0, 1, 2, 3
-DELTAS = 4  # then L sums of |d_l|
+from . import link
+from .messages import Sums, stats_vector
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,8 @@ class ShardPlan:
 
 class ShardWorker:
     """Created with a ShardPlan; `load` reads and summarises the shard, `prepare` encodes it,
-    then `compute` runs forward and backward over it for each step."""
+    then `step` runs forward and backward over it for each step: called once per step by the
+    task engine, or from `serve`, which takes a window of steps over direct links."""
 
     def __init__(self, plan, param_slices):
         self.plan = plan
@@ -48,6 +48,7 @@ class ShardWorker:
         self.raw = {}
         self.workspace = None
         self.weights = np.empty(plan.spec.num_params, plan.spec.np_dtype)
+        self.links = []  # one per parameter actor, for the direct engine
 
     def ping(self):
         return True
@@ -151,29 +152,54 @@ class ShardWorker:
         rows = self._ordinals(step) - self.offset
         return x[rows], y[rows]
 
-    def _run(self, name, weights, track_deltas, step=None):
-        x, y = self._rows(name, step)
+    def step(self, order, *weights):
+        """Gradient sums of this shard's rows of step `order.step` at `weights` (one array per
+        parameter actor). Returns S gradient slices, one per parameter actor, then the Sums;
+        on evaluate steps these include the validation rows' sums (forward pass only)."""
+        spec = self.plan.spec
+        params = self._params(weights)
+        x, y = self._rows("train", order.step)
         start = time.perf_counter()
-        result = nn.grad_rows(self.plan.spec, self._params(weights), x, y, self.plan.chunk_rows, self.workspace, track_deltas)
-        stats = np.empty(DELTAS + self.plan.spec.num_layers)
-        stats[:DELTAS] = result.loss_sum, result.count, result.correct, time.perf_counter() - start
-        stats[DELTAS:] = result.delta_abs
-        return result.grad, stats
+        result = nn.grad_rows(spec, params, x, y, self.plan.chunk_rows, self.workspace, order.evaluate)
+        train = stats_vector(result.loss_sum, result.count, result.correct, time.perf_counter() - start, result.delta_abs)
+        val = None
+        if order.evaluate and "val" in self.sets:
+            xv, yv = self.sets["val"]
+            loss_sum, correct = nn.evaluate(spec, params, xv, yv, self.plan.chunk_rows)
+            val = stats_vector(loss_sum, len(xv), correct, 0.0, np.zeros(spec.num_layers))
+        return (*(result.grad[a:b] for a, b in self.slices), Sums(train, val))
 
-    def compute(self, step, track_deltas, *weights):
-        """Gradient sums of this shard at `weights` (one array per parameter actor).
-        Returns S gradient slices, one per parameter actor, then the stats vector."""
-        grad, stats = self._run("train", weights, track_deltas, step)
-        return (*(grad[a:b] for a, b in self.slices), stats)
+    # -- the direct engine ---------------------------------------------------------------
+    def connect(self, addresses, secret, timeout_s):
+        """Open this worker's link to each parameter actor (addresses in slice order)."""
+        self.disconnect()
+        self.links = [link.connect(address, self.plan.rank, secret, timeout_s) for address in addresses]
+        return True
 
-    def evaluate(self, *weights):
-        """Loss and correct-count sums over this worker's validation rows (a stats vector)."""
-        return self._run("val", weights, False)[1]
+    def serve(self):
+        """Run steps as the parameter actors send them, until they end the window. Per step:
+        each actor's order and weight slice in, this shard's gradient slices and Sums out."""
+        links, steps = self.links, 0
+        try:
+            while links:
+                orders = []
+                for conn, (a, b) in zip(links, self.slices):
+                    orders.append(link.unpack_order(link.recv_exact(conn, link.ORDER.size)))
+                    if orders[-1].step:
+                        link.recv_into(conn, link.as_bytes(self.weights[a:b]))
+                if not orders[0].step:  # every parameter actor ends the window together
+                    return steps
+                *grads, sums = self.step(orders[0], self.weights)
+                payload = link.pack_sums(sums)
+                for conn, grad in zip(links, grads):
+                    link.send(conn, link.as_bytes(np.ascontiguousarray(grad)), payload)
+                steps += 1
+            raise link.LinkError("no links to the parameter actors")
+        except BaseException:
+            self.disconnect()
+            raise
 
-    def graph_step(self, order, weights):
-        """One step inside a compiled graph: order = (step, lr, evaluate). Returns the whole
-        gradient, the stats vector, and the validation stats on evaluation steps (else None)."""
-        step, _, evaluate = order
-        grad, stats = self._run("train", [weights], evaluate, step)
-        val = self._run("val", [weights], False)[1] if evaluate and "val" in self.sets else None
-        return grad, stats, val
+    def disconnect(self):
+        link.close(self.links)
+        self.links = []
+        return True

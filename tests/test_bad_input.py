@@ -263,16 +263,16 @@ def test_on_nan_drop_trains_on_the_finite_rows_only(ray_session, tmp_path):
     data.write_table(table, str(dirty), row_group_size=16)
     job = tmp_path / "drop.yaml"
     job.write_text(yaml.safe_dump(base_job(dirty, tmp_path / "drop", data={"on_nan": "drop"}, cluster={"workers": 1})))
-    result = CliRunner().invoke(main, ["run", str(job)])
+    result = CliRunner().invoke(main, ["run", str(job), "--verbose"])
     assert result.exit_code == 0, result.output
-    assert f"{ROWS - 4} training rows" in result.output
+    assert f"{ROWS - 4} training rows" in result.output and "engine direct" in result.output
 
     keep = np.setdiff1d(np.arange(ROWS), [3, 10, 20, 41])
     clean = tmp_path / "clean.parquet"
     data.write_table(table.take(keep), str(clean), row_group_size=16)
     trainer = Trainer(load(base_job(clean, tmp_path / "clean", cluster={"workers": 1})))
     trainer.run()
-    assert trainer.n_train == ROWS - 4
+    assert trainer.actors.n_train == ROWS - 4
     got, want = model_arrays(tmp_path / "drop" / "model.npz"), model_arrays(tmp_path / "clean" / "model.npz")
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
     assert np.all(np.isfinite(got["W1"]))

@@ -31,8 +31,27 @@ def test_bench_json_holds_every_key_with_positive_numbers(tmp_path):
             assert key in r, key
             if not isinstance(r[key], str):
                 assert r[key] > 0 or key == "comm_overhead_sec", (key, r[key])
+        assert r["engine"] == "direct"  # the default engine, as distbp run uses it
+        assert set(r["phases"]) == {"imports", "ray_start", "actor_start", "data_read", "first_step", "plot", "shutdown"}
+        assert r["phases"]["ray_start"] > 0 and r["phases"]["first_step"] > 0 and r["phases"]["shutdown"] > 0
     single = next(r for r in report["results"] if r["mode"] == "single process")
     assert single["sec_per_step"] > 0 and single["ceiling_ratio"] > 0
+
+
+def test_steps_are_chosen_by_time_for_millisecond_workloads():
+    tiny = nn.Spec(bench.WORKLOADS["tiny"]["layers"], "relu", "sigmoid", "binary_cross_entropy", "he", "float64")
+    wide = nn.Spec(bench.WORKLOADS["wide"]["layers"], "relu", "softmax", "cross_entropy", "he", "float32")
+    assert bench.steps_for(tiny, 256, 2) >= 500  # a 3 ms guess: at least 3 s of steps
+    assert bench.steps_for(wide, 8192, 2) == 10  # a second a step: the floor
+    assert bench.steps_for(tiny, 256, 2, steps=7) == 7
+
+
+def test_batch512_is_the_teacher_network_on_the_first_512_rows_of_its_data():
+    teacher, batch = bench.WORKLOADS["teacher"], bench.WORKLOADS["batch512"]
+    assert batch["rows"] == 512 and {k: v for k, v in batch.items() if k != "rows"} == {k: v for k, v in teacher.items() if k != "rows"}
+    x_teacher, y_teacher = bench.workload_data(teacher["layers"], 2000)
+    x_batch, y_batch = bench.workload_data(batch["layers"], 512)
+    assert np.array_equal(x_batch, x_teacher[:512]) and np.array_equal(y_batch, y_teacher[:512])
 
 
 def test_ceiling_times_exactly_the_products_a_step_needs(monkeypatch):

@@ -76,7 +76,11 @@ def test_too_many_failures_stop_with_a_clear_message(baseline, tmp_path):
     )
     assert proc.returncode != 0
     assert "more than cluster.max_failures (0) failures" in proc.stderr
-    assert checkpoint.list_steps(tmp_path / "max" / "checkpoints") == [10]  # kept
+    # The checkpoints written before the failure are kept; the run did not get to the end.
+    # (The kill happens when step 12's row reaches the driver: with the direct engine that
+    # is after its window, which may run on to the checkpoint at step 20.)
+    steps = checkpoint.list_steps(tmp_path / "max" / "checkpoints")
+    assert steps[0] == 10 and steps[-1] < 30 and not (tmp_path / "max" / "model.npz").exists()
 
 
 def wait_for_rows(metrics, rows, proc, timeout=120):

@@ -5,7 +5,9 @@ import pytest
 
 from distbp import data, nn
 from distbp.api import load, spec_of as trainer_spec
-from distbp.trainer import Trainer, prepare
+from distbp.checks import prepare
+from distbp.messages import COUNT, Order
+from distbp.trainer import Trainer
 
 from conftest import model_arrays
 
@@ -28,10 +30,10 @@ def test_assembled_gradient_equals_one_process(ray_session, make_job, workers):
     try:
         trainer.setup(prepare(job))
         weights = [s.weights.remote() for s in trainer.servers]
-        outs = [w.compute.options(num_returns=2).remote(1, False, *weights) for w in trainer.workers]
-        counts = [int(ray.get(o[1])[1]) for o in outs]
+        outs = [w.step.options(num_returns=2).remote(Order(1, 0.0, False, False), *weights) for w in trainer.workers]
+        counts = [int(ray.get(o[1]).train[COUNT]) for o in outs]
         assert sum(counts) == 301 and len(set(counts)) == (1 if workers == 1 else 2)
-        got = ray.get(trainer.servers[0].assemble.remote(workers, *[o[0] for o in outs], *[o[1] for o in outs]))
+        got, _ = ray.get(trainer.servers[0].assemble.remote(workers, *[o[0] for o in outs], *[o[1] for o in outs]))
         params = np.concatenate(ray.get(weights))
     finally:
         trainer.close()
@@ -94,16 +96,29 @@ def test_run_folder_outputs(ray_session, make_job):
     assert arrays["W1"].shape == (2, 8) and arrays["b3"].shape == (3,) and "x_mean" in arrays
 
 
-def test_compiled_graph_engine_gives_the_same_bits_as_tasks(ray_session, make_job, monkeypatch):
+@pytest.mark.parametrize("servers", [1, 2])
+def test_direct_engine_gives_the_same_bits_as_tasks(ray_session, make_job, monkeypatch, servers):
     runs = {}
-    for engine in ("tasks", "graph"):
+    train = {"optimizer": {"name": "adam", "lr": 0.01}, "steps": 40, "checkpoint_every": 15,
+             "early_stopping": {"patience": 50}, "eval_every": 4}
+    for engine in ("tasks", "direct"):
         monkeypatch.setenv("DISTBP_ENGINE", engine)
-        job = load(make_job(rows=200, name=f"e-{engine}", data={"validation": 0.25}, train={"optimizer": {"name": "adam", "lr": 0.01}}), ["train.steps=12"])
-        trainer = Trainer(job)
-        result = trainer.run()
-        assert trainer.engine == engine  # the graph really ran, no silent fallback
+        job = load(make_job(rows=200, name=f"e-{engine}-{servers}", data={"validation": 0.25}, train=train),
+                   [f"cluster.parameter_servers={servers}"])
+        result = Trainer(job).run()
+        assert result.engine == engine  # the engine asked for really ran: no silent fallback
         runs[engine] = (model_arrays(result.model_path), open(result.metrics_path).read().splitlines())
-    (a, rows_a), (b, rows_b) = runs["tasks"], runs["graph"]
+    (a, rows_a), (b, rows_b) = runs["tasks"], runs["direct"]
     assert all(np.array_equal(a[k], b[k]) for k in a)
     strip = lambda rows: [",".join(c for i, c in enumerate(r.split(",")) if i != 3) for r in rows]  # noqa: E731 (drop seconds)
-    assert strip(rows_a) == strip(rows_b)  # same losses, validation and per-layer norms
+    assert strip(rows_a) == strip(rows_b) and len(rows_a) == 41  # same losses, validation and per-layer norms
+
+
+def test_an_unknown_engine_is_refused_in_one_line(make_job, monkeypatch):
+    from click.testing import CliRunner
+
+    from distbp.cli import main
+
+    monkeypatch.setenv("DISTBP_ENGINE", "graph")
+    result = CliRunner().invoke(main, ["run", str(make_job(rows=50, name="eng")), "--quiet"])
+    assert result.exit_code == 2 and "DISTBP_ENGINE: expected one of direct, tasks, got 'graph'" in result.output

@@ -14,7 +14,9 @@ import distbp
 from distbp import data, nn, sampling, schedule
 from distbp.api import load
 from distbp.cli import main
-from distbp.trainer import Trainer, prepare
+from distbp.checks import prepare
+from distbp.messages import Order
+from distbp.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +47,8 @@ def test_mini_batch_step_equals_one_process_on_the_same_rows(ray_session, make_j
             epoch, index = sampling.epoch_and_index(step, 301, 37)
             assert np.array_equal(chosen, sampling.batch_ordinals(job.seed, epoch, index, 37, 301))
             assert len(chosen) == (5 if step == 9 else 37)
-            outs = [w.compute.options(num_returns=2).remote(step, False, *weights) for w in trainer.workers]
-            got = ray.get(trainer.servers[0].assemble.remote(workers, *[o[0] for o in outs], *[o[1] for o in outs]))
+            outs = [w.step.options(num_returns=2).remote(Order(step, 0.0, False, False), *weights) for w in trainer.workers]
+            got, _ = ray.get(trainer.servers[0].assemble.remote(workers, *[o[0] for o in outs], *[o[1] for o in outs]))
             oracle = nn.grad_rows(trainer.model.spec, params, x[chosen], y[chosen])
             want = oracle.grad / oracle.count
             assert np.linalg.norm(got - want) <= 1e-12 * np.linalg.norm(want)

@@ -1,0 +1,215 @@
+"""The run's Ray actors: one ShardWorker per shard and one ParameterServer per slice of the
+flat parameter vector. Creating and placing them, loading the shards, starting the parameter
+actors from fresh or saved weights, replacing a lost worker, snapshots for checkpoints."""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import data, nn, sampling
+from .checks import check_validation_rows, merge_summaries
+from .errors import DistbpError, UsageError
+from .link import LinkError
+from .server import ParameterServer
+from .workers import ShardPlan, ShardWorker
+
+CONTROL = "control"  # a concurrency group of its own: pings answer while a step computes
+
+
+def unwrap(err):
+    """A DistbpError or LinkError raised inside an actor, as itself; anything else unchanged."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, (DistbpError, LinkError)) else err
+
+
+def get(refs, timeout=None):
+    """ray.get that re-raises distbp's own errors from inside an actor as themselves."""
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.RayTaskError as err:
+        raise unwrap(err) from None
+
+
+def recoverable():
+    """The Ray errors that mean an actor, its node or its data were lost."""
+    import ray
+
+    return (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, LinkError)
+
+
+def kill(actor):
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone
+        pass
+
+
+@dataclass
+class Start:
+    """Where the parameter actors start: weights, optimizer state, the last applied step and
+    the best weights so far (early stopping)."""
+
+    params: np.ndarray
+    opt_state: dict | None = None
+    step: int = 0
+    best: np.ndarray | None = None
+
+
+class Actors:
+    """The workers and parameter actors of one run, and what the driver learned loading them."""
+
+    def __init__(self, job, prep, phases=None):
+        self.job, self.prep, self.spec = job, prep, prep.spec
+        self.phases = phases if phases is not None else {}
+        self.slices = data.shard_ranges(self.spec.num_params, job.cluster.parameter_servers)
+        self.bounds = [nn.slice_layers(self.spec, a, b) for a, b in self.slices]
+        self.plans = self._plans()
+        self.workers, self.servers = [], []
+
+    def _plans(self):
+        job, prep, K = self.job, self.prep, self.job.cluster.workers
+        ranges = data.shard_ranges(prep.source.num_rows, K)
+        val_ranges = [(0, 0)] * K
+        if prep.validation_source is not None:
+            n = prep.validation_source.num_rows
+            val_ranges = [(n * k // K, n * (k + 1) // K) for k in range(K)]
+        fraction = job.data.validation if isinstance(job.data.validation, float) else None
+        batch = None if job.train.batch == "full" else int(job.train.batch)
+        return [
+            ShardPlan(
+                rank, prep.source, a, b, tuple(prep.features), tuple(prep.labels), job.data.task, self.spec,
+                job.cluster.chunk_rows, max(1, int(job.cluster.cpus_per_worker)), job.seed, job.data.on_nan,
+                fraction, prep.validation_source, val_ranges[rank], batch,
+            )
+            for rank, (a, b) in enumerate(ranges)
+        ]
+
+    # -- start ---------------------------------------------------------------------------
+    def _new_worker(self, plan):
+        cls = remote_class(ShardWorker).options(num_cpus=self.job.cluster.cpus_per_worker, scheduling_strategy="SPREAD")
+        return cls.remote(plan, self.slices)
+
+    def start(self, start):
+        """Create every actor, read and check the shards, then start the parameter actors
+        at `start` (the seeded init, or a checkpoint). Touches no disk."""
+        job = self.job
+        t = time.perf_counter()
+        self.workers = [self._new_worker(plan) for plan in self.plans]
+        get([ping(w) for w in self.workers])
+        self.phases["actor_start"] = time.perf_counter() - t
+        t = time.perf_counter()
+        summaries = get([w.load.remote() for w in self.workers])
+        self.classes, mean, std, self.n_train = merge_summaries(job, self.prep, summaries)
+        offsets = np.cumsum([0] + [s["rows"]["train"] for s in summaries])
+        self.prepare_args = [(self.classes, mean, std, int(offsets[k]), self.n_train) for k in range(len(self.workers))]
+        rows = get([w.prepare.remote(*args) for w, args in zip(self.workers, self.prepare_args)])
+        self.phases["data_read"] = time.perf_counter() - t
+        self.has_val = any(r.get("val", 0) for r in rows)
+        check_validation_rows(job, self.has_val)
+        batch = self.n_train if job.train.batch == "full" else int(job.train.batch)
+        self.total_steps = job.train.steps or job.train.epochs * sampling.steps_per_epoch(self.n_train, batch)
+        self.mean, self.std = mean, std
+        self.start_servers(start)
+
+    def start_servers(self, start):
+        """Parameter actors holding `start`, one per slice, on the driver's node unless
+        cluster.parameter_resources places them."""
+        import ray
+
+        if start.params.shape != (self.spec.num_params,):
+            raise UsageError(f"the checkpoint holds {start.params.size} parameters, the model needs {self.spec.num_params}")
+        opt = self.job.train.optimizer
+        kwargs = dict(name=opt.name, momentum=opt.momentum, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps, weight_decay=opt.weight_decay)
+        placement = {"resources": dict(self.job.cluster.parameter_resources)}
+        if not placement["resources"]:  # default: the driver's node, which a run cannot outlive anyway
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+        cls = remote_class(ParameterServer).options(num_cpus=0, **placement)
+        size = start.params.size
+        self.servers = [
+            cls.remote(
+                start.params[a:b], kwargs, slice_state(start.opt_state, a, b, size), bounds, start.step,
+                None if start.best is None else start.best[a:b], self.spec.num_layers,
+            )
+            for (a, b), bounds in zip(self.slices, self.bounds)
+        ]
+
+    # -- during the run --------------------------------------------------------------------
+    def applied_steps(self, servers=None):
+        return get([s.applied_step.options(concurrency_group=CONTROL).remote() for s in (servers or self.servers)])
+
+    def infos_after(self, step):
+        """Per step applied after `step`, the StepInfos of every parameter actor."""
+        per_server = get([s.infos_after.options(concurrency_group=CONTROL).remote(step) for s in self.servers])
+        return [list(infos) for infos in zip(*per_server)]
+
+    def promote(self, step):
+        """Early stopping: the parameter actors keep `step`'s input weights as the best."""
+        get([s.promote.remote(step) for s in self.servers])
+
+    def snapshot(self):
+        """(params, optimizer state, best weights or None) gathered from the parameter actors."""
+        snaps = get([s.snapshot.remote() for s in self.servers])
+        params = np.concatenate([s["params"] for s in snaps])
+        opt_state = join_state([{k[4:]: v for k, v in s.items() if k.startswith("opt_")} for s in snaps], params.size)
+        best = np.concatenate([s["best"] for s in snaps]) if all("best" in s for s in snaps) else None
+        return params, opt_state, best
+
+    def replace_worker(self, k, wait_s):
+        """Kill worker k (lost or not) and start a replacement that reads its shard again.
+        False when no node had a free CPU for it within `wait_s` seconds."""
+        import ray
+
+        kill(self.workers[k])
+        worker = self._new_worker(self.plans[k])
+        try:
+            ray.get(ping(worker), timeout=wait_s)  # placed and started?
+        except ray.exceptions.GetTimeoutError:
+            kill(worker)
+            return False
+        get(worker.load.remote())
+        get(worker.prepare.remote(*self.prepare_args[k]))
+        self.workers[k] = worker
+        return True
+
+    def kill_servers(self):
+        for s in self.servers:
+            kill(s)
+        self.servers = []
+
+    def close(self):
+        for actor in self.workers + self.servers:
+            kill(actor)
+        self.workers, self.servers = [], []
+
+
+def remote_class(cls):
+    """The Ray actor class of `cls`, with the control concurrency group (one thread)."""
+    import ray
+
+    return ray.remote(concurrency_groups={CONTROL: 1})(cls)
+
+
+def ping(actor):
+    """A ping in the actor's control group, so that it answers while the actor computes."""
+    return actor.ping.options(concurrency_group=CONTROL).remote()
+
+
+def slice_state(opt_state, a, b, size):
+    """The part of a flat optimizer state that belongs to slice [a, b); scalars whole."""
+    if opt_state is None:
+        return None
+    return {k: v[a:b] if v.size == size else v for k, v in opt_state.items()}
+
+
+def join_state(states, size):
+    """The inverse of slice_state: slices concatenated, scalars (same on every actor) once."""
+    names = states[0].keys()
+    joined = {k: np.concatenate([s[k] for s in states]) for k in names}
+    return {k: (v if v.size == size else states[0][k]) for k, v in joined.items()}

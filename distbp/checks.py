@@ -1,0 +1,90 @@
+"""The checks of a job against its data: making data.path from data.make, the schema
+(columns, types, input and output widths) before Ray starts, and the workers' shard summaries
+(NaN counts, classes, standardisation, row counts) once they have read their rows."""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import data, nn
+from .errors import UsageError
+from .job import job_error
+
+
+@dataclass
+class Prepared:
+    """What validating the job against the data's schema produces, before any Ray work."""
+
+    spec: nn.Spec
+    source: object
+    features: list
+    labels: list
+    validation_source: object = None
+
+
+def ensure_data(job, log):
+    """Generate data.path from data.make when the file is missing (and say so)."""
+    path = job.data_path()
+    if job.data.make and path and "://" not in path and not os.path.exists(path):
+        options = {k: v for k, v in job.data.make.items() if k not in ("kind", "rows")}
+        table = data.make_dataset(job.data.make["kind"], job.data.make.get("rows"), seed=job.seed, **options)
+        data.write_table(table, path)
+        log(f"made {job.data.make['kind']} data: {table.num_rows} rows -> {path}")
+
+
+def prepare(job):
+    """Check the job against the data's schema: columns, types and the input width."""
+    if not job.data_path():
+        raise job_error(job, "data.path", "no data file given")
+    source = data.open_source(job.data_path(), job.data.format)
+    features, labels = data.select_columns(source, job.data.features, job.data.labels, job.data.task)
+    if job.cluster.workers > source.num_rows:
+        raise job_error(job, "cluster.workers", f"more workers ({job.cluster.workers}) than rows ({source.num_rows}) in {job.data_path()}")
+    if job.model.layers[0] != len(features):
+        raise job_error(job, "model.layers[0]", f"expected {len(features)} (the number of feature columns), got {job.model.layers[0]}")
+    if job.data.task == "regression" and job.model.layers[-1] != len(labels):
+        raise job_error(job, "model.layers[-1]", f"expected {len(labels)} (the number of label columns), got {job.model.layers[-1]}")
+    val_source = None
+    if job.validation_path():
+        val_source = data.open_source(job.validation_path(), job.data.format)
+        data.select_columns(val_source, features, labels, job.data.task)
+    return Prepared(spec_of(job), source, features, labels, val_source)
+
+
+def spec_of(job):
+    """The network spec of a job's model section."""
+    m = job.model
+    return nn.Spec(tuple(m.layers), tuple(m.activations), m.output, m.loss, m.init, m.dtype)
+
+
+def merge_summaries(job, prep, summaries):
+    """Turn the workers' shard summaries into classes and standardisation statistics."""
+    columns = prep.features + (prep.labels if job.data.task == "regression" else [])
+    for origin, path in (("data", job.data_path()), ("validation", job.validation_path())):
+        counts = sum(s["nonfinite"].get(origin, 0) for s in summaries)
+        if job.data.on_nan == "error" and np.any(counts):
+            bad = [f"'{c}' ({n})" for c, n in zip(columns, counts) if n]
+            raise UsageError(
+                f"{path}: NaN or inf values in column {', '.join(bad)}",
+                hint="clean the data or set data.on_nan: drop to skip those rows",
+            )
+    n_train = sum(s["rows"]["train"] for s in summaries)
+    if n_train < job.cluster.workers:
+        raise job_error(job, "cluster.workers", f"more workers ({job.cluster.workers}) than training rows ({n_train})")
+    classes = sorted(set().union(*(s["labels"] for s in summaries)), key=lambda c: (str(type(c)), c))
+    if job.data.task == "classification":
+        width = 1 if job.model.output == "sigmoid" else len(classes)
+        if job.model.output == "sigmoid" and len(classes) != 2:
+            raise job_error(job, "model.output", f"sigmoid needs exactly 2 classes in '{prep.labels[0]}', found {len(classes)}", hint="use softmax")
+        if job.model.layers[-1] != width:
+            raise job_error(job, "model.layers[-1]", f"expected {width} (the number of classes in '{prep.labels[0]}'), got {job.model.layers[-1]}")
+    mean = std = None
+    if job.data.standardize:
+        mean, std = data.merge_moments([s["moments"] for s in summaries])
+    return classes, mean, std, n_train
+
+
+def check_validation_rows(job, has_val):
+    if job.train.early_stopping and not has_val:
+        raise job_error(job, "train.early_stopping", "needs validation rows (data.validation)")

@@ -1,0 +1,144 @@
+"""How steps are carried out: one interface, two engines.
+
+    for infos in engine.run(orders):  # one list of StepInfos (one per parameter actor) per order
+        ...
+    engine.rebuild()                  # after actors were replaced or restored
+    engine.close()
+
+Both engines call the same code in the actors (ShardWorker.step, and the parameter actor's
+rank-order sum and optimizer step), so the bits are identical.
+
+- `direct` (the default): each worker holds a TCP link to each parameter actor (link.py). The
+  driver hands the parameter actors a window of orders; they and the workers run those steps
+  over the links with no Ray task, object store or driver hop per step, and the parameter
+  actors return the window's StepInfos at its end. Windows end at every step the driver must
+  act on (a checkpoint, an early-stopping evaluation, the end) and last about WINDOW_S.
+- `tasks` (DISTBP_ENGINE=tasks): plain Ray actor tasks, one per worker and per parameter
+  actor per step, the weights of step s + 1 chained as an object reference from step s.
+
+A lost actor shows as a Ray error, or a broken link, from `run`; the trainer then replaces
+actors (Ray's own report of which died) and calls `rebuild`.
+"""
+
+import os
+import secrets
+
+from .errors import UsageError
+
+WINDOW_S = 0.25  # a direct window's target length: progress rows and signals are this fresh
+MAX_WINDOW = 256  # steps in a window, and steps in flight for the task engine: 8
+CONNECT_S = 60
+
+
+class TaskEngine:
+    name = "tasks"
+    in_flight = 8
+
+    def __init__(self, actors):
+        self.actors = actors
+        self.rebuild()
+
+    def rebuild(self):
+        self.weights = [s.weights.remote() for s in self.actors.servers]
+
+    def _submit(self, order):
+        workers, servers = self.actors.workers, self.actors.servers
+        K, S = len(workers), len(servers)
+        outs = [w.step.options(num_returns=S + 1).remote(order, *self.weights) for w in workers]
+        sums = [o[S] for o in outs]
+        applied = [
+            s.apply_publish.options(num_returns=2).remote(order, K, *[o[i] for o in outs], *sums)
+            for i, s in enumerate(servers)
+        ]
+        self.weights = [a[0] for a in applied]
+        return [a[1] for a in applied]
+
+    def run(self, orders):
+        from collections import deque
+
+        from .actors import get
+
+        pending, queue = deque(), deque(orders)
+        while queue or pending:
+            while queue and len(pending) < self.in_flight:
+                pending.append(self._submit(queue.popleft()))
+            yield get(pending.popleft())
+
+    def window(self, step_sec):
+        return MAX_WINDOW
+
+    def close(self):
+        self.weights = []
+
+
+class DirectEngine:
+    name = "direct"
+
+    def __init__(self, actors):
+        self.actors = actors
+        self.rebuild()
+
+    def rebuild(self):
+        """(Re)open every link: each parameter actor listens, each worker connects to all."""
+        from .actors import get
+
+        self.close()
+        secret = secrets.token_bytes(32)
+        addresses = get([s.listen.remote() for s in self.actors.servers])
+        accepted = [s.accept.remote(len(self.actors.workers), secret, CONNECT_S) for s in self.actors.servers]
+        get([w.connect.remote(addresses, secret, CONNECT_S) for w in self.actors.workers] + accepted)
+
+    def run(self, orders):
+        from .actors import get
+
+        serving = [w.serve.remote() for w in self.actors.workers]
+        running = [s.run.remote(orders) for s in self.actors.servers]
+        try:
+            per_server = get(running)
+        except BaseException:
+            self._settle(serving)
+            raise
+        get(serving)
+        yield from (list(infos) for infos in zip(*per_server))
+
+    def _settle(self, serving):
+        """After a failed window: wait (briefly) for the workers' serve calls to end, and raise a
+        worker's own error when that, not a lost link, was the cause."""
+        import ray
+
+        from .link import LinkError
+        from .actors import unwrap
+
+        ray.wait(serving, num_returns=len(serving), timeout=5)
+        for ref in serving:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayTaskError as err:
+                if not isinstance(unwrap(err), LinkError):
+                    raise unwrap(err) from None
+            except Exception:  # the worker died, or is still winding down: recovery sorts it out
+                pass
+
+    def window(self, step_sec):
+        """Steps in the next window: about WINDOW_S of steps, at least 1."""
+        return max(1, min(MAX_WINDOW, int(WINDOW_S / step_sec))) if step_sec else 8
+
+    def close(self):
+        """Close every link (from each actor's control thread, so a blocked serve wakes up)."""
+        import ray
+
+        from .actors import CONTROL
+
+        refs = [a.disconnect.options(concurrency_group=CONTROL).remote() for a in self.actors.workers + self.actors.servers]
+        ray.wait(refs, num_returns=len(refs), timeout=10)
+
+
+ENGINES = {"direct": DirectEngine, "tasks": TaskEngine}
+
+
+def chosen():
+    """The engine class DISTBP_ENGINE names (default direct); UsageError for another name."""
+    name = os.environ.get("DISTBP_ENGINE") or "direct"
+    if name not in ENGINES:
+        raise UsageError(f"DISTBP_ENGINE: expected one of {', '.join(ENGINES)}, got {name!r}")
+    return ENGINES[name]

@@ -1,0 +1,143 @@
+"""Direct TCP links between the parameter actors and the shard workers, for the `direct` step
+engine: each worker holds one connection to each parameter actor, opened once per run (and
+again after a failure) with a per-run secret, then carries every step of a window.
+
+Nothing on the wire is pickled. Per step, parameter actor i sends each worker an order header
+and its weight slice (raw bytes); the worker answers with its gradient slice (raw bytes) and its
+sums as a fixed-size float64 vector. A header with step 0 ends the window. A parameter actor
+listens on its node's Ray address: 127.0.0.1 for an embedded or loopback Ray.
+"""
+
+import hmac
+import socket
+import struct
+
+import numpy as np
+
+from .messages import DELTAS, Order, Sums
+
+ORDER = struct.Struct("<qd??")  # step (0 = end of window), lr, evaluate, keep
+HELLO = struct.Struct("<q32s")  # worker rank, the run's secret
+END = ORDER.pack(0, 0.0, False, False)
+KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}  # a dead peer shows in ~25 s
+
+
+class LinkError(ConnectionError):
+    """A link to a worker or parameter actor broke: the peer died or its node was lost."""
+
+
+def _tune(sock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a step is a request and a reply
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE.items():
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    return sock
+
+
+def listen(host):
+    """A listening socket on `host` at a free port; returns (socket, (host, port))."""
+    server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    server.bind((host, 0))
+    server.listen()
+    return server, (host, server.getsockname()[1])
+
+
+def accept(server, count, secret, timeout_s):
+    """`count` worker connections that present `secret`, in rank order."""
+    server.settimeout(timeout_s)
+    links = {}
+    try:
+        while len(links) < count:
+            conn, _ = server.accept()
+            conn.settimeout(timeout_s)
+            rank, token = HELLO.unpack(recv_exact(conn, HELLO.size))
+            if not hmac.compare_digest(token, secret) or rank in links or not 0 <= rank < count:
+                conn.close()  # not one of this run's workers
+                continue
+            conn.settimeout(None)
+            links[rank] = _tune(conn)
+    except OSError as err:
+        for conn in links.values():
+            conn.close()
+        raise LinkError(f"workers did not connect: {err}") from None
+    finally:
+        server.close()
+    return [links[k] for k in range(count)]
+
+
+def connect(address, rank, secret, timeout_s):
+    conn = socket.create_connection(tuple(address), timeout=timeout_s)
+    conn.sendall(HELLO.pack(rank, secret))
+    conn.settimeout(None)
+    return _tune(conn)
+
+
+def recv_exact(conn, size):
+    buf = bytearray(size)
+    recv_into(conn, memoryview(buf))
+    return bytes(buf)
+
+
+def recv_into(conn, view):
+    """Fill `view` (a writable byte memoryview) from `conn`; LinkError if the peer is gone."""
+    got = 0
+    try:
+        while got < len(view):
+            n = conn.recv_into(view[got:])
+            if n == 0:
+                raise LinkError("the peer closed the link")
+            got += n
+    except OSError as err:
+        raise LinkError(str(err)) from None
+
+
+def send(conn, *parts):
+    try:
+        for part in parts:
+            conn.sendall(part)
+    except OSError as err:
+        raise LinkError(str(err)) from None
+
+
+def close(links):
+    for conn in links:
+        try:
+            conn.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv on it
+        except OSError:
+            pass
+        conn.close()
+
+
+def as_bytes(array):
+    """A byte view of a contiguous array, for sending or receiving in place."""
+    return memoryview(array).cast("B")
+
+
+def pack_order(order):
+    return ORDER.pack(order.step, order.lr, order.evaluate, order.keep)
+
+
+def unpack_order(data):
+    return Order(*ORDER.unpack(data))
+
+
+def sums_size(num_layers):
+    return 8 * (1 + 2 * (DELTAS + num_layers))
+
+
+def pack_sums(sums):
+    """[has_val, train..., val...] as float64 bytes."""
+    n = len(sums.train)
+    out = np.zeros(1 + 2 * n)
+    out[1 : 1 + n] = sums.train
+    if sums.val is not None:
+        out[0] = 1.0
+        out[1 + n :] = sums.val
+    return out.tobytes()
+
+
+def unpack_sums(data):
+    vec = np.frombuffer(data, np.float64)
+    n = (len(vec) - 1) // 2
+    return Sums(vec[1 : 1 + n].copy(), vec[1 + n :].copy() if vec[0] else None)

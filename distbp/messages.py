@@ -1,0 +1,67 @@
+"""The messages between the driver, the shard workers and the parameter actors, defined once.
+
+One step: the driver sends an `Order`; the parameter actors publish their weight slices; each
+worker returns one gradient slice per parameter actor and its `Sums`; each parameter actor adds
+the slices in worker-rank order, steps, and returns a `StepInfo`. All three are small named
+tuples of plain numbers and numpy arrays, so they pickle cheaply on any transport.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+# A stats vector (float64): sums over rows that add across workers.
+LOSS, COUNT, CORRECT, SECONDS = 0, 1, 2, 3
+DELTAS = 4  # then one sum of |d_l| per layer, l = 1..L
+
+
+def stats_vector(loss_sum, count, correct, seconds, delta_abs):
+    """(DELTAS + L,) float64: the layout above."""
+    out = np.empty(DELTAS + len(delta_abs))
+    out[:DELTAS] = loss_sum, count, correct, seconds
+    out[DELTAS:] = delta_abs
+    return out
+
+
+class Order(NamedTuple):
+    """What the driver asks of one step."""
+
+    step: int  # counts from 1; a parameter actor applies only the step after its last
+    lr: float
+    evaluate: bool  # validation sums, per-layer norms and mean |delta| on this step
+    keep: bool  # early stopping: the parameter actors keep this step's input weights
+
+
+class Sums(NamedTuple):
+    """A worker's sums for one step."""
+
+    train: np.ndarray  # stats vector over its rows of the step's batch
+    val: np.ndarray | None  # stats vector over its validation rows (forward only), on evaluate steps
+
+
+class StepInfo(NamedTuple):
+    """What a parameter actor returns once it has applied a step."""
+
+    step: int
+    train: np.ndarray  # the workers' train stats vectors, added in rank order
+    val: np.ndarray | None  # the workers' validation stats added, or None
+    slowest: float  # the slowest worker's compute seconds
+    squares: np.ndarray  # evaluate steps: per layer of this actor's slice, the mean gradient's sum of squares
+    applied_at: float  # time.time() when the update was applied
+
+
+def add_sums(sums):
+    """(train, val, slowest) of the workers' Sums, added in rank order."""
+    train = np.sum([s.train for s in sums], axis=0)
+    vals = [s.val for s in sums if s.val is not None]
+    return train, (np.sum(vals, axis=0) if vals else None), max(s.train[SECONDS] for s in sums)
+
+
+def layer_norms(infos, bounds, num_layers):
+    """(L,) norm of each layer's mean gradient, from the squares that the parameter actors
+    report for their slices; `bounds[i]` are actor i's [(layer, start, stop)]."""
+    squares = np.zeros(num_layers)
+    for info, layers in zip(infos, bounds):
+        for (l, _, _), sq in zip(layers, info.squares):
+            squares[l] += sq
+    return np.sqrt(squares)

@@ -1,0 +1,190 @@
+"""The run's outputs: the run folder (local, or staged locally and uploaded to object storage),
+job.yaml, the metrics rows, checkpoints, model.npz, plot.png, and the RunResult."""
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import checkpoint, rundir
+from .errors import UsageError
+from .job import job_hash, job_to_dict
+from .messages import CORRECT, COUNT, DELTAS, LOSS, layer_norms
+
+
+@dataclass
+class RunResult:
+    out_dir: str
+    model_path: str | None
+    checkpoint_path: str | None
+    steps: int
+    final: dict = field(default_factory=dict)  # the last metrics row
+    resumed_from: int | None = None
+    already_finished: bool = False
+    replacements: int = 0  # workers or parameter actors replaced after failures
+    stopped_early: bool = False
+    plot_path: str | None = None
+    engine: str | None = None  # the step engine that ran: graph or tasks
+    phases: dict = field(default_factory=dict)  # start-up and finish, in seconds
+
+    @property
+    def metrics_path(self):
+        return f"{self.out_dir.rstrip('/')}/metrics.csv" if "://" in self.out_dir else os.path.join(self.out_dir, "metrics.csv")
+
+    @property
+    def metrics(self):
+        """metrics.csv as a pyarrow Table (read from object storage when the run is there)."""
+        import pyarrow.csv
+        from pyarrow import fs
+
+        if "://" not in self.metrics_path:
+            return pyarrow.csv.read_csv(self.metrics_path)
+        filesystem, path = fs.FileSystem.from_uri(self.metrics_path)
+        with filesystem.open_input_stream(path) as f:
+            return pyarrow.csv.read_csv(f)
+
+    @property
+    def metrics_df(self):
+        """metrics.csv as a pandas DataFrame, or None when pandas is not installed."""
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            return None
+        return self.metrics.to_pandas()
+
+
+class RunOutputs:
+    """Everything a run writes. Nothing is written before `begin`, so a run that fails its
+    checks leaves the folder as it was."""
+
+    def __init__(self, job, resume, force, log):
+        self.job, self.resume, self.force, self.log = job, resume, force, log
+        self.out_dir = job.output_dir()
+        self.remote = None  # a RemoteRun when output.dir is a URI; files are staged locally
+        if "://" in self.out_dir:
+            self.remote = rundir.RemoteRun(self.out_dir)
+            self.out_dir = tempfile.mkdtemp(prefix="distbp-run-")
+        self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
+        self.metrics = None
+
+    # -- before the run ---------------------------------------------------------------------
+    def start_checkpoint(self):
+        """Refuse a folder that holds a run unless resuming or forcing; on --resume the newest
+        checkpoint that reads cleanly, checked against the job."""
+        if self.remote is None:
+            rundir.check_free(self.out_dir, self.resume, self.force)
+        else:
+            rundir.check_free(self.remote.uri, self.resume, self.force, holds=self.remote.holds_run())
+            if self.resume:
+                self.remote.fetch_for_resume(self.out_dir)
+        if not self.resume:
+            return None
+        ckpt = checkpoint.load_latest(self.ckpt_dir, warn=self.log)
+        if ckpt is None:
+            raise UsageError(f"{self.out_dir}: --resume found no checkpoint to continue from")
+        if ckpt.job_hash != job_hash(self.job):
+            raise UsageError(
+                f"{self.out_dir}: the checkpoint of step {ckpt.step} belongs to a different job",
+                hint="only cluster.* and output.* may change on --resume; use --force to start over",
+            )
+        if ckpt.workers and ckpt.workers != self.job.cluster.workers:
+            self.log(f"warning: resuming with {self.job.cluster.workers} workers instead of {ckpt.workers}: results will differ within float tolerance")
+        return ckpt
+
+    def begin(self, columns, keep_until_step):
+        """The run folder changes from here: clear it for --force, write job.yaml, open metrics.csv."""
+        if self.force:
+            rundir.clear(self.out_dir)
+            if self.remote:
+                self.remote.clear()
+        rundir.write_job(self.out_dir, job_to_dict(self.job, resolve_paths=True))
+        self.publish("job.yaml")
+        self.columns = columns
+        self.open_metrics(keep_until_step)
+
+    def open_metrics(self, keep_until_step):
+        """(Re)open metrics.csv, keeping only the rows up to `keep_until_step`."""
+        if self.metrics is not None:
+            self.metrics.close()
+        self.metrics = rundir.MetricsWriter(os.path.join(self.out_dir, "metrics.csv"), self.columns, keep_until_step)
+        return self.metrics.last_seconds
+
+    # -- during the run ---------------------------------------------------------------------
+    def row(self, order, infos, spec, bounds, task, t0):
+        """The metrics row of an applied step, from its StepInfos (one per parameter actor)."""
+        info = infos[0]
+        train, n = info.train, info.train[COUNT]
+        row = {"step": order.step, "loss": train[LOSS] / n, "seconds": round(info.applied_at - t0, 6), "lr": order.lr}
+        if task == "classification":
+            row["accuracy"] = train[CORRECT] / n
+        row["compute_sec"] = info.slowest
+        if info.val is not None and info.val[COUNT]:
+            row["val_loss"] = info.val[LOSS] / info.val[COUNT]
+            if task == "classification":
+                row["val_accuracy"] = info.val[CORRECT] / info.val[COUNT]
+        if order.evaluate:
+            norms = layer_norms(infos, bounds, spec.num_layers)
+            for l in range(spec.num_layers):
+                row[f"grad_norm_{l + 1}"] = float(norms[l])
+                row[f"delta_mean_{l + 1}"] = float(train[DELTAS + l] / (n * spec.layers[l + 1]))
+        self.metrics.write(row)
+        return row
+
+    def checkpoint(self, step, params, opt_state, best, done):
+        """Write a checkpoint of `step` (and upload it with its marker); returns where it is."""
+        best_meta, best_params = (None, None) if best is None else best
+        ckpt = checkpoint.Checkpoint(step, params, opt_state, job_hash(self.job), self.job.seed, done, self.job.cluster.workers, best_meta, best_params)
+        path = checkpoint.save(self.ckpt_dir, ckpt, self.job.train.keep_checkpoints)
+        if self.remote:
+            self.publish("metrics.csv")
+            self.remote.put_checkpoint(path, set(os.listdir(self.ckpt_dir)))
+            return f"{self.remote.uri}/checkpoints/{os.path.basename(path)}"
+        return path
+
+    def latest_checkpoint(self):
+        return checkpoint.load_latest(self.ckpt_dir, warn=self.log)
+
+    # -- the end ------------------------------------------------------------------------------
+    def write_model(self, model, params):
+        model.params = np.asarray(params)
+        model.save(os.path.join(self.out_dir, "model.npz"))
+
+    def finish(self, phases):
+        """Close metrics.csv, draw plot.png and upload the last files; returns the plot's place."""
+        self.metrics.close()
+        t = time.perf_counter()
+        plot = self._plot()
+        phases["plot"] = time.perf_counter() - t
+        for name in ("model.npz", "metrics.csv", "plot.png"):
+            self.publish(name)
+        return plot and self.where("plot.png")
+
+    def _plot(self):
+        """plot.png of the run's curves, when matplotlib is installed."""
+        from .plot import plot_run
+
+        try:
+            return plot_run(self.out_dir)
+        except UsageError as err:
+            self.log(f"no plot: {err}")
+            return None
+
+    def publish(self, name):
+        """Upload a finished file of the run folder when the run folder is a URI."""
+        if self.remote and os.path.exists(os.path.join(self.out_dir, name)):
+            if name == "metrics.csv" and self.metrics is not None and not self.metrics.file.closed:
+                self.metrics.file.flush()
+            self.remote.put(os.path.join(self.out_dir, name), name)
+
+    def where(self, name):
+        """Where a run-folder file lives for the user: the URI, or the local path."""
+        return f"{self.remote.uri}/{name}" if self.remote else os.path.join(self.out_dir, name)
+
+    def close(self):
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.remote:  # everything worth keeping has been uploaded
+            shutil.rmtree(self.out_dir, ignore_errors=True)
