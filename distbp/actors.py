@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import data, nn, sampling
+from . import cluster, data, nn, sampling
 from .checks import check_validation_rows, merge_summaries
 from .errors import DistbpError, UsageError
 from .link import LinkError
@@ -84,7 +84,7 @@ class Actors:
             ShardPlan(
                 rank, prep.source, a, b, tuple(prep.features), tuple(prep.labels), job.data.task, self.spec,
                 job.cluster.chunk_rows, max(1, int(job.cluster.cpus_per_worker)), job.seed, job.data.on_nan,
-                fraction, prep.validation_source, val_ranges[rank], batch,
+                fraction, prep.validation_source, val_ranges[rank], batch, cluster.worker_env(),
             )
             for rank, (a, b) in enumerate(ranges)
         ]
@@ -100,7 +100,8 @@ class Actors:
         job = self.job
         t = time.perf_counter()
         self.workers = [self._new_worker(plan) for plan in self.plans]
-        get([ping(w) for w in self.workers])
+        self.start_servers(start)  # they start while the workers start and read
+        get([ping(a) for a in self.workers + self.servers])
         self.phases["actor_start"] = time.perf_counter() - t
         t = time.perf_counter()
         summaries = get([w.load.remote() for w in self.workers])
@@ -114,7 +115,6 @@ class Actors:
         batch = self.n_train if job.train.batch == "full" else int(job.train.batch)
         self.total_steps = job.train.steps or job.train.epochs * sampling.steps_per_epoch(self.n_train, batch)
         self.mean, self.std = mean, std
-        self.start_servers(start)
 
     def start_servers(self, start):
         """Parameter actors holding `start`, one per slice, on the driver's node unless

@@ -18,8 +18,11 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # When its daemons start, Ray looks for cloud metadata (169.254.169.254, metadata.google.internal)
 # and reports usage statistics. An embedded, loopback-only Ray has no business on the network:
 # its daemons start with usage stats off and plain-HTTP requests sent to a closed loopback
-# port; the workers get the user's own proxy settings back, for remote data.
+# port; the shard workers put the user's own proxy settings back themselves (worker_env), for
+# remote data. (A runtime_env with env_vars would do it too, but costs every actor about 2 s
+# more to start: its workers cannot come from Ray's pool of prestarted ones.)
 PROXY_KEYS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+_WORKER_ENV = {}  # set when this process starts the embedded Ray: {proxy key: the user's value or None}
 QUIET_DAEMONS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
@@ -115,10 +118,10 @@ def _start(ray, address, num_cpus, timeout_s):
     common = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True)
     if address is None:
         saved = {k: os.environ.get(k) for k in QUIET_DAEMONS}
-        workers_env = {k: saved[k] or "" for k in PROXY_KEYS}
+        _WORKER_ENV.update({k: saved[k] for k in PROXY_KEYS})
         os.environ.update(QUIET_DAEMONS)
         try:
-            ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": workers_env}, **common)
+            ray.init(address="local", num_cpus=num_cpus, **common)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -126,6 +129,7 @@ def _start(ray, address, num_cpus, timeout_s):
                 else:
                     os.environ[k] = v
         return True
+    _WORKER_ENV.clear()
     if address == "auto" and _auto_address() is None:
         raise ConnectError("cluster.address is 'auto' but no running Ray cluster was found on this machine")
     target = address if address != "auto" else _auto_address()
@@ -135,6 +139,12 @@ def _start(ray, address, num_cpus, timeout_s):
     except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
         raise ConnectError(f"cannot join the Ray cluster at {address}: {err}".splitlines()[0]) from None
     return True
+
+
+def worker_env():
+    """((key, value or None), ...): what a shard worker sets (or, for None, unsets) in its own
+    environment, so that it sees the user's proxy settings and not the embedded Ray's."""
+    return tuple(sorted(_WORKER_ENV.items()))
 
 
 def check_capacity(workers, cpus_per_worker):

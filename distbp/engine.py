@@ -1,9 +1,13 @@
 """How steps are carried out: one interface, two engines.
 
-    for infos in engine.run(orders):  # one list of StepInfos (one per parameter actor) per order
-        ...
+    handle = engine.submit(orders)    # a window of steps; returns at once
+    results = engine.collect(handle)  # per order, its StepInfos (one per parameter actor)
     engine.rebuild()                  # after actors were replaced or restored
     engine.close()
+
+Windows run in the order submitted, so the driver submits the next window before it reads
+the current one (unless the current one ends at a step it must act on): the actors go from
+one window to the next while the driver writes rows.
 
 Both engines call the same code in the actors (ShardWorker.step, and the parameter actor's
 rank-order sum and optimizer step), so the bits are identical.
@@ -26,7 +30,7 @@ import secrets
 from .errors import UsageError
 
 WINDOW_S = 0.25  # a direct window's target length: progress rows and signals are this fresh
-MAX_WINDOW = 256  # steps in a window, and steps in flight for the task engine: 8
+MAX_WINDOW = 256
 CONNECT_S = 60
 
 
@@ -53,19 +57,16 @@ class TaskEngine:
         self.weights = [a[0] for a in applied]
         return [a[1] for a in applied]
 
-    def run(self, orders):
-        from collections import deque
+    def submit(self, orders):
+        return [self._submit(order) for order in orders]
 
+    def collect(self, handle):
         from .actors import get
 
-        pending, queue = deque(), deque(orders)
-        while queue or pending:
-            while queue and len(pending) < self.in_flight:
-                pending.append(self._submit(queue.popleft()))
-            yield get(pending.popleft())
+        return [get(refs) for refs in handle]
 
     def window(self, step_sec):
-        return MAX_WINDOW
+        return self.in_flight  # two windows in flight: 16 steps
 
     def close(self):
         self.weights = []
@@ -88,18 +89,21 @@ class DirectEngine:
         accepted = [s.accept.remote(len(self.actors.workers), secret, CONNECT_S) for s in self.actors.servers]
         get([w.connect.remote(addresses, secret, CONNECT_S) for w in self.actors.workers] + accepted)
 
-    def run(self, orders):
+    def submit(self, orders):
+        serving = [w.serve.remote() for w in self.actors.workers]
+        return serving, [s.run.remote(orders) for s in self.actors.servers]
+
+    def collect(self, handle):
         from .actors import get
 
-        serving = [w.serve.remote() for w in self.actors.workers]
-        running = [s.run.remote(orders) for s in self.actors.servers]
+        serving, running = handle
         try:
             per_server = get(running)
         except BaseException:
             self._settle(serving)
             raise
         get(serving)
-        yield from (list(infos) for infos in zip(*per_server))
+        return [list(infos) for infos in zip(*per_server)]
 
     def _settle(self, serving):
         """After a failed window: wait (briefly) for the workers' serve calls to end, and raise a

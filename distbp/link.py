@@ -9,8 +9,10 @@ listens on its node's Ray address: 127.0.0.1 for an embedded or loopback Ray.
 """
 
 import hmac
+import select
 import socket
 import struct
+import time
 
 import numpy as np
 
@@ -20,6 +22,11 @@ ORDER = struct.Struct("<qd??")  # step (0 = end of window), lr, evaluate, keep
 HELLO = struct.Struct("<q32s")  # worker rank, the run's secret
 END = ORDER.pack(0, 0.0, False, False)
 KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}  # a dead peer shows in ~25 s
+# A worker that has sent its gradient polls for the next order this long before it blocks:
+# waking a process that slept (on a VM, a halted virtual CPU) costs up to milliseconds, more
+# than a small network's whole step. Measured on 2 cores: median step 0.40 -> 0.32 ms, and
+# the mean 0.61 -> 0.36 ms (the slow tail is what goes).
+POLL_S = 300e-6
 
 
 class LinkError(ConnectionError):
@@ -71,6 +78,14 @@ def connect(address, rank, secret, timeout_s):
     conn.sendall(HELLO.pack(rank, secret))
     conn.settimeout(None)
     return _tune(conn)
+
+
+def poll(conn, seconds=POLL_S):
+    """Busy-wait up to `seconds` for `conn` to have data (then a read will not sleep)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        if select.select([conn], [], [], 0)[0]:
+            return
 
 
 def recv_exact(conn, size):

@@ -153,14 +153,30 @@ class RunOutputs:
         model.save(os.path.join(self.out_dir, "model.npz"))
 
     def finish(self, phases):
-        """Close metrics.csv, draw plot.png and upload the last files; returns the plot's place."""
+        """Close metrics.csv and upload the last files; plot.png is drawn in a thread, beside
+        the shut-down of the actors and Ray: `plot_done` waits for it."""
+        import threading
+
         self.metrics.close()
-        t = time.perf_counter()
-        plot = self._plot()
-        phases["plot"] = time.perf_counter() - t
-        for name in ("model.npz", "metrics.csv", "plot.png"):
+        for name in ("model.npz", "metrics.csv"):
             self.publish(name)
-        return plot and self.where("plot.png")
+
+        def draw():
+            t = time.perf_counter()
+            self.plot_path = self._plot() and self.where("plot.png")
+            self.publish("plot.png")
+            phases["plot"] = time.perf_counter() - t
+
+        self.plotter = threading.Thread(target=draw, name="distbp-plot")
+        self.plotter.start()
+
+    def plot_done(self):
+        """Where plot.png is once drawn (None without matplotlib or before `finish`)."""
+        plotter = getattr(self, "plotter", None)
+        if plotter is None:
+            return None
+        plotter.join()
+        return self.plot_path
 
     def _plot(self):
         """plot.png of the run's curves, when matplotlib is installed."""
@@ -184,6 +200,7 @@ class RunOutputs:
         return f"{self.remote.uri}/{name}" if self.remote else os.path.join(self.out_dir, name)
 
     def close(self):
+        self.plot_done()
         if self.metrics is not None:
             self.metrics.close()
         if self.remote:  # everything worth keeping has been uploaded

@@ -131,6 +131,8 @@ class ParameterServer:
         first into the sum buffer, each next one added to it), then step. Returns the StepInfos."""
         infos, weights = [], link.as_bytes(self.w)
         try:
+            if not self.links:
+                raise link.LinkError("no links to the workers")
             for order in orders:
                 self._check_next(order)
                 head = link.pack_order(order)

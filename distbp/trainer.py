@@ -79,16 +79,19 @@ class Trainer:
                 f"setup: {len(self.workers)} workers, {len(self.servers)} parameter actor(s), {self.actors.n_train} training rows, "
                 f"{prep.spec.num_params} parameters, engine {self.engine.name}"
             )
-            return self._loop(ckpt.step + 1 if ckpt else 1)
+            result = self._loop(ckpt.step + 1 if ckpt else 1)
         finally:
             t = time.perf_counter()
             self.close()
-            outputs.close()
             if started:
                 import ray
 
                 ray.shutdown()
             self.phases["shutdown"] = time.perf_counter() - t
+            plot = outputs.plot_done()  # drawn while the actors and Ray shut down
+            outputs.close()
+        result.plot_path = plot
+        return result
 
     def _columns(self):
         L, task = self.actors.spec.num_layers, self.job.data.task
@@ -103,38 +106,56 @@ class Trainer:
         lr = schedule.learning_rate(step, train.optimizer.lr, train.schedule, total)
         return Order(step, lr, evaluate, evaluate and self.stopper is not None)
 
+    def _ends_window(self, order):
+        """Whether the driver must act once `order` is applied, before any later step runs:
+        a checkpoint, an early-stopping evaluation, or the end."""
+        return order.step % self.job.train.checkpoint_every == 0 or order.step == self.actors.total_steps or order.keep
+
     def _window(self, step, size):
-        """Orders for steps step.. : `size` of them at most, ending at the first step the driver
-        must act on once it is applied (a checkpoint, an early-stopping evaluation, the end)."""
-        orders, total = [], self.actors.total_steps
-        while step <= total and len(orders) < size:
+        """Orders for steps step.. : `size` of them at most, ending at the first that ends a window."""
+        orders = []
+        while step <= self.actors.total_steps and len(orders) < size:
             orders.append(self._order(step))
-            if step % self.job.train.checkpoint_every == 0 or step == total or orders[-1].keep:
+            if self._ends_window(orders[-1]):
                 break
             step += 1
         return orders
 
     def _loop(self, first):
-        total, outputs = self.actors.total_steps, self.outputs
-        self.t0 = time.time() - outputs.metrics.last_seconds
+        self.t0 = time.time() - self.outputs.metrics.last_seconds
         self.t_loop = time.perf_counter()
         self.last = (first - 1, None)  # the last step recorded, and its row
-        step, step_sec, self.stop_at = first, None, None  # stop_at: where early stopping ended the run
+        self.stop_at = None  # where early stopping ended the run
+        step, size, ahead = first, 1, None  # ahead: the window submitted before the current one was read
         while True:
-            orders = self._window(step, self.engine.window(step_sec))
-            t_window = time.time()
             try:
-                for order, infos in zip(orders, self.engine.run(orders)):
+                if ahead is None:
+                    orders = self._window(step, size)
+                    handle = self.engine.submit(orders)
+                else:
+                    (orders, handle), ahead = ahead, None
+                if not self._ends_window(orders[-1]) and not self.stop_requested:
+                    more = self._window(orders[-1].step + 1, size)
+                    ahead = (more, self.engine.submit(more))
+                results = self.engine.collect(handle)
+                for order, infos in zip(orders, results):
                     self._record(order, infos)
-                step_sec = (infos[0].applied_at - t_window) / len(orders)
-                result = self._after(order.step)
+                if len(results) > 1:  # about WINDOW_S of steps per window
+                    size = self.engine.window((results[-1][0].applied_at - results[0][0].applied_at) / (len(results) - 1))
+                elif size == 1:
+                    size = 8
+                if ahead is not None and self.stop_requested:  # checkpoint after the window ahead
+                    step = orders[-1].step + 1
+                    continue
+                result = self._after(orders[-1].step)
                 if result is not None:
                     return result
-                step = order.step + 1
+                step = orders[-1].step + 1
             except recoverable() as err:
+                ahead = None
                 step, restored, ckpt = self.recovery.recover(err)
                 if restored:
-                    outputs.open_metrics(step - 1)  # the replayed steps' rows are written again
+                    self.outputs.open_metrics(step - 1)  # the replayed steps' rows are written again
                     self.last, self.stop_at = (step - 1, None), None
                     if self.stopper is not None:  # back to the checkpoint's best so far
                         self.stopper = EarlyStopping(self.job.train.early_stopping, ckpt.best if ckpt else None)
@@ -200,11 +221,10 @@ class Trainer:
         params, _, best = self.actors.snapshot()
         self.outputs.write_model(self.model, best if self.stopper is not None and best is not None else params)
         path = self._checkpoint(step, done=True)
-        plot = self.outputs.finish(self.phases)
+        self.outputs.finish(self.phases)
         return RunResult(
-            self.outputs.where(""), self.outputs.where("model.npz"), path, step, row,
-            resumed_from=self.resumed_from,
-            replacements=self.replacements, stopped_early=early, plot_path=plot, engine=self.engine.name, phases=self.phases,
+            self.outputs.where(""), self.outputs.where("model.npz"), path, step, row, resumed_from=self.resumed_from,
+            replacements=self.replacements, stopped_early=early, engine=self.engine.name, phases=self.phases,
         )
 
 

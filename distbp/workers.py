@@ -34,6 +34,7 @@ class ShardPlan:
     validation_source: object = None  # a separate validation TableSource, sharded the same way
     validation_range: tuple = (0, 0)
     batch: int | None = None  # global mini-batch size; None = full batch
+    env: tuple = ()  # ((key, value or None), ...): environment the worker sets for itself first
 
 
 class ShardWorker:
@@ -42,6 +43,11 @@ class ShardWorker:
     task engine, or from `serve`, which takes a window of steps over direct links."""
 
     def __init__(self, plan, param_slices):
+        for key, value in plan.env:
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         self.plan = plan
         self.slices = param_slices  # [(start, stop)] of the S parameter actors
         self._limits = threadpool_limits(limits=max(1, int(plan.threads)), user_api="blas")
@@ -183,6 +189,7 @@ class ShardWorker:
         try:
             while links:
                 orders = []
+                link.poll(links[0])
                 for conn, (a, b) in zip(links, self.slices):
                     orders.append(link.unpack_order(link.recv_exact(conn, link.ORDER.size)))
                     if orders[-1].step:
