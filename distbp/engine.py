@@ -84,10 +84,18 @@ class DirectEngine:
         from .actors import get
 
         self.close()
+        workers, servers = self.actors.workers, self.actors.servers
+        nodes = [w["node_id"] for w in get([a.where.remote() for a in workers + servers])]
+        near = [[nodes[len(workers) + i] == nodes[k] for k in range(len(workers))] for i in range(len(servers))]
         secret = secrets.token_bytes(32)
-        addresses = get([s.listen.remote() for s in self.actors.servers])
-        accepted = [s.accept.remote(len(self.actors.workers), secret, CONNECT_S) for s in self.actors.servers]
-        get([w.connect.remote(addresses, secret, CONNECT_S) for w in self.actors.workers] + accepted)
+        addresses = get([s.listen.remote(any(near[i])) for i, s in enumerate(servers)])
+        accepted = [s.accept.remote(len(workers), secret, CONNECT_S) for s in servers]
+        paths = get([w.connect.remote(addresses, secret, CONNECT_S, [row[k] for row in near]) for k, w in enumerate(workers)] + accepted)
+        get([
+            s.attach.remote([p if near[i][k] and addresses[i][2] else None for k, p in enumerate(paths[: len(workers)])], a, b)
+            for i, (s, (a, b)) in enumerate(zip(servers, self.actors.slices))
+        ])
+        get([w.unlink_segment.remote() for w in workers])  # mapped by all: no name left in /dev/shm
 
     def submit(self, orders):
         serving = [w.serve.remote() for w in self.actors.workers]

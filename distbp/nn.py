@@ -182,10 +182,11 @@ def _backward(spec, params, x, y, acts, workspace, grad, track_deltas):
     return delta_abs
 
 
-def grad_rows(spec, params, x, y, chunk_rows=None, workspace=None, track_deltas=False):
+def grad_rows(spec, params, x, y, chunk_rows=None, workspace=None, track_deltas=False, out=None):
     """Gradient SUM over the rows of x (rows, n_0) with targets y, processed in chunks of
     `chunk_rows` rows so activation memory stays bounded. y is (rows,) class indices for
-    classification, (rows, n_out) floats for regression. Returns GradSums."""
+    classification, (rows, n_out) floats for regression. Returns GradSums, whose grad is
+    `out` (num_params,) when given: the sum is written there instead of a new array."""
     dtype = spec.np_dtype
     params = np.asarray(params)
     if params.dtype != dtype or params.shape != (spec.num_params,):
@@ -194,9 +195,10 @@ def grad_rows(spec, params, x, y, chunk_rows=None, workspace=None, track_deltas=
     loss = _losses.get(spec.loss, spec.output)
     n = len(x)
     step = n if not chunk_rows else min(int(chunk_rows), n)
-    grad = np.zeros(spec.num_params, dtype)
+    grad = np.zeros(spec.num_params, dtype) if out is None else out
     loss_sum, correct, delta_abs = 0.0, 0, np.zeros(spec.num_layers)
     if n == 0:
+        grad.fill(0)
         return GradSums(grad, 0.0, 0, 0, delta_abs)
     ws = _workspace(spec, step, workspace)
     for start in range(0, n, step):

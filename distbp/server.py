@@ -7,7 +7,7 @@ from collections import deque
 
 import numpy as np
 
-from . import link, optim
+from . import link, optim, shm
 from .errors import TrainingError
 from .messages import COUNT, LOSS, StepInfo, add_sums
 
@@ -43,10 +43,6 @@ class ParameterServer:
     def weights(self):
         return self.w
 
-    def publish(self, order):
-        """The weights for step `order.step` (the compiled graph's first call of a step)."""
-        return self.w
-
     def assemble(self, num_workers, *parts, step=None):
         """The mean gradient of this slice: parts = K gradient slices then K Sums, added in
         worker-rank order (never arrival order) and divided once by the row count. Returns
@@ -60,7 +56,7 @@ class ParameterServer:
     def _mean(self, sums, step):
         """self.grad holds the rank-order sum of the slices: check it, divide by the row count."""
         totals = add_sums(sums)
-        if not np.isfinite(totals[0][LOSS]) or not np.isfinite(self.grad.sum(dtype=np.float64)):
+        if not np.isfinite(totals[0][LOSS]) or not np.isfinite(self.grad).all():
             raise TrainingError(
                 f"training diverged at step {step}: the loss or gradient is NaN or inf",
                 hint="lower train.optimizer.lr",
@@ -108,27 +104,43 @@ class ParameterServer:
     def snapshot(self):
         """Weights, optimizer state and the best weights (if any), for a checkpoint."""
         best = {} if self.best is None else {"best": self.best}
-        return {"params": self.w, **best, **{f"opt_{k}": v for k, v in self.state.items()}}
+        return {"params": np.array(self.w), **best, **{f"opt_{k}": v for k, v in self.state.items()}}
 
     # -- the direct engine ---------------------------------------------------------------
-    def listen(self):
-        """Open a port on this node's Ray address for the workers' links; returns (host, port)."""
+    def listen(self, share):
+        """Open a port on this node's Ray address for the workers' links. With `share` (a
+        worker on this node), the weights move into a shared-memory segment that such workers
+        map. Returns (host, port, the segment's path or None)."""
         import ray
 
         self.disconnect()
-        self.server_socket, address = link.listen(ray.util.get_node_ip_address())
-        self.links = []
-        return address
+        self.server_socket, (host, port) = link.listen(ray.util.get_node_ip_address())
+        path = None
+        if share and shm.available():
+            weights, path = shm.create(len(self.w), self.w.dtype)
+            np.copyto(weights, self.w)
+            self.w = weights  # updated in place from now on, where the workers read it
+        self.own_path = path
+        return host, port, path
 
     def accept(self, num_workers, secret, timeout_s):
         self.links = link.accept(self.server_socket, num_workers, secret, timeout_s)
         self.recv_buf = np.empty_like(self.w)
         return True
 
+    def attach(self, grad_paths, start, stop):
+        """Map the gradient segment of each worker on this node (paths in rank order, None for
+        the others); this actor's slice is [start, stop). Its own segment needs no name now."""
+        self.peer_grads = [None if path is None else shm.attach(path, stop, self.w.dtype)[start:stop] for path in grad_paths]
+        if self.own_path:
+            shm.unlink(self.own_path)
+        return True
+
     def run(self, orders):
-        """Carry out a window of steps over the links: per step, send the order and this
-        slice's weights to every worker, receive their gradient slices in rank order (the
-        first into the sum buffer, each next one added to it), then step. Returns the StepInfos."""
+        """Carry out a window of steps over the links: per step, send the order (and this
+        slice's weights, to a worker on another node) to every worker, take their gradient
+        slices in rank order (the first copied into the sum buffer, each next one added to it),
+        then step. Returns the StepInfos."""
         infos, weights = [], link.as_bytes(self.w)
         try:
             if not self.links:
@@ -136,14 +148,25 @@ class ParameterServer:
             for order in orders:
                 self._check_next(order)
                 head = link.pack_order(order)
-                for conn in self.links:
-                    link.send(conn, head, weights)
-                sums = []
-                for k, conn in enumerate(self.links):  # fixed order: bit-reproducible
-                    link.recv_into(conn, link.as_bytes(self.grad if k == 0 else self.recv_buf))
-                    if k:
-                        self.grad += self.recv_buf
+                for conn, shared in zip(self.links, self.peer_grads):
+                    if shared is None:  # a worker on another node gets the weights with the order
+                        link.send(conn, head, weights)
+                    else:
+                        link.send(conn, head)
+                sums, first = [], None
+                for k, (conn, shared) in enumerate(zip(self.links, self.peer_grads)):  # fixed order: bit-reproducible
+                    if shared is None:  # through the socket: the first straight into the sum buffer
+                        shared = self.grad if k == 0 else self.recv_buf
+                        link.recv_into(conn, link.as_bytes(shared))
                     sums.append(link.unpack_sums(link.recv_exact(conn, self.sums_size)))
+                    if k == 0:
+                        first = shared
+                    elif k == 1:  # g = g_0 + g_1 in one pass, the same bits as copying g_0 and adding g_1
+                        np.add(first, shared, out=self.grad)
+                    else:
+                        self.grad += shared
+                if len(self.links) == 1 and first is not self.grad:
+                    np.copyto(self.grad, first)
                 infos.append(self._step(order, *self._mean(sums, order.step)))
             for conn in self.links:
                 link.send(conn, link.END)
@@ -154,8 +177,10 @@ class ParameterServer:
 
     def disconnect(self):
         link.close(getattr(self, "links", []))
-        self.links = []
+        self.links, self.peer_grads = [], []
         if getattr(self, "server_socket", None) is not None:
             self.server_socket.close()
             self.server_socket = None
+        if getattr(self, "own_path", None):
+            shm.unlink(self.own_path)  # if the workers never got to it
         return True

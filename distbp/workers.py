@@ -10,7 +10,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import data, nn, sampling
-from . import link
+from . import link, shm
 from .messages import Sums, stats_vector
 
 
@@ -162,11 +162,13 @@ class ShardWorker:
         """Gradient sums of this shard's rows of step `order.step` at `weights` (one array per
         parameter actor). Returns S gradient slices, one per parameter actor, then the Sums;
         on evaluate steps these include the validation rows' sums (forward pass only)."""
+        return self._step(order, self._params(weights))
+
+    def _step(self, order, params, out=None):
         spec = self.plan.spec
-        params = self._params(weights)
         x, y = self._rows("train", order.step)
         start = time.perf_counter()
-        result = nn.grad_rows(spec, params, x, y, self.plan.chunk_rows, self.workspace, order.evaluate)
+        result = nn.grad_rows(spec, params, x, y, self.plan.chunk_rows, self.workspace, order.evaluate, out)
         train = stats_vector(result.loss_sum, result.count, result.correct, time.perf_counter() - start, result.delta_abs)
         val = None
         if order.evaluate and "val" in self.sets:
@@ -176,37 +178,64 @@ class ShardWorker:
         return (*(result.grad[a:b] for a, b in self.slices), Sums(train, val))
 
     # -- the direct engine ---------------------------------------------------------------
-    def connect(self, addresses, secret, timeout_s):
-        """Open this worker's link to each parameter actor (addresses in slice order)."""
+    def connect(self, addresses, secret, timeout_s, same_node):
+        """Open this worker's link to each parameter actor ((host, port, weights segment or
+        None) in slice order). With an actor on this node (same_node[i]) its weights are read
+        from its shared-memory segment, and this worker's gradient is written to a segment of
+        its own, whose path it returns (else None)."""
         self.disconnect()
-        self.links = [link.connect(address, self.plan.rank, secret, timeout_s) for address in addresses]
-        return True
+        spec = self.plan.spec
+        self.links = [link.connect(address[:2], self.plan.rank, secret, timeout_s) for address in addresses]
+        self.shared_w = [
+            shm.attach(path, b - a, spec.np_dtype) if near and path else None
+            for (_, _, path), near, (a, b) in zip(addresses, same_node, self.slices)
+        ]
+        if any(w is not None for w in self.shared_w):
+            self.grad_out, self.grad_path = shm.create(spec.num_params, spec.np_dtype)
+        return self.grad_path
 
     def serve(self):
         """Run steps as the parameter actors send them, until they end the window. Per step:
-        each actor's order and weight slice in, this shard's gradient slices and Sums out."""
-        links, steps = self.links, 0
+        each actor's order and weight slice in (through its socket, or already in its shared
+        segment), then this shard's gradient slices (through the socket, or written to this
+        worker's segment) and its Sums out."""
+        links, shared, steps = self.links, self.shared_w, 0
+        zero_copy = len(shared) == 1 and shared[0] is not None
         try:
             while links:
                 orders = []
                 link.poll(links[0])
-                for conn, (a, b) in zip(links, self.slices):
+                for conn, (a, b), weights in zip(links, self.slices, shared):
                     orders.append(link.unpack_order(link.recv_exact(conn, link.ORDER.size)))
                     if orders[-1].step:
-                        link.recv_into(conn, link.as_bytes(self.weights[a:b]))
+                        if weights is None:
+                            link.recv_into(conn, link.as_bytes(self.weights[a:b]))
+                        elif not zero_copy:
+                            np.copyto(self.weights[a:b], weights)
                 if not orders[0].step:  # every parameter actor ends the window together
                     return steps
-                *grads, sums = self.step(orders[0], self.weights)
+                *grads, sums = self._step(orders[0], shared[0] if zero_copy else self.weights, self.grad_out)
                 payload = link.pack_sums(sums)
-                for conn, grad in zip(links, grads):
-                    link.send(conn, link.as_bytes(np.ascontiguousarray(grad)), payload)
+                for conn, grad, weights in zip(links, grads, shared):
+                    if weights is None:
+                        link.send(conn, link.as_bytes(np.ascontiguousarray(grad)), payload)
+                    else:
+                        link.send(conn, payload)
                 steps += 1
             raise link.LinkError("no links to the parameter actors")
         except BaseException:
             self.disconnect()
             raise
 
+    def unlink_segment(self):
+        """Every parameter actor has mapped this worker's gradient segment: drop its name."""
+        if getattr(self, "grad_path", None):
+            shm.unlink(self.grad_path)
+        return True
+
     def disconnect(self):
         link.close(self.links)
-        self.links = []
+        if getattr(self, "grad_path", None):
+            shm.unlink(self.grad_path)  # if the parameter actor never got to it
+        self.links, self.shared_w, self.grad_out, self.grad_path = [], [], None, None
         return True

@@ -1,5 +1,7 @@
 """The distributed runner against one process: same gradient, same weights, same bits."""
 
+import glob
+
 import numpy as np
 import pytest
 
@@ -109,6 +111,7 @@ def test_direct_engine_gives_the_same_bits_as_tasks(ray_session, make_job, monke
         assert result.engine == engine  # the engine asked for really ran: no silent fallback
         runs[engine] = (model_arrays(result.model_path), open(result.metrics_path).read().splitlines())
     (a, rows_a), (b, rows_b) = runs["tasks"], runs["direct"]
+    assert not glob.glob("/dev/shm/distbp-*")  # shared segments lose their names once mapped
     assert all(np.array_equal(a[k], b[k]) for k in a)
     strip = lambda rows: [",".join(c for i, c in enumerate(r.split(",")) if i != 3) for r in rows]  # noqa: E731 (drop seconds)
     assert strip(rows_a) == strip(rows_b) and len(rows_a) == 41  # same losses, validation and per-layer norms
