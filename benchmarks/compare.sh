@@ -8,7 +8,7 @@
 #   bash benchmarks/compare.sh [WORKLOAD ...]      # default: tiny batch512 teacher wide
 #
 # Env: PY (python with distbp and the peers extra; default .venv/bin/python), OUT.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench-results.jsonl}
@@ -16,14 +16,14 @@ WORKLOADS=${*:-tiny batch512 teacher wide}
 : > "$OUT"
 for W in $WORKLOADS; do
   echo "== $W: distbp bench ($(date +%T))" >&2
-  "$PY" -m distbp bench --workload "$W" --max-workers 2 --json >> "$OUT"
+  "$PY" -m distbp bench --workload "$W" --max-workers 2 --json >> "$OUT" || echo "   failed: distbp bench $W" >&2
   for T in 1 2; do
     echo "== $W: torch, $T thread(s)" >&2
-    "$PY" benchmarks/peers.py "$W" torch --threads "$T" >> "$OUT"
+    "$PY" benchmarks/peers.py "$W" torch --threads "$T" >> "$OUT" || echo "   failed: torch $W" >&2
   done
   for S in ddp ray-train; do
     echo "== $W: $S 2x1" >&2
-    "$PY" benchmarks/peers.py "$W" "$S" --workers 2 >> "$OUT"
+    "$PY" benchmarks/peers.py "$W" "$S" --workers 2 >> "$OUT" || echo "   failed: $S $W" >&2
   done
 done
 "$PY" benchmarks/table.py "$OUT"

@@ -1,5 +1,5 @@
 """`distbp bench`: time per step against the matrix-product ceiling, one process and 1..K
-Ray workers, measured side by side in one run (DESIGN section 6).
+Ray workers, measured side by side in one run (the JSON keys: docs/bench.md).
 
 The ceiling of a step is the time of the products it really needs at the workload's shapes:
 every layer's forward product and weight-gradient product, and the input-gradient product of
@@ -189,7 +189,7 @@ def machine():
 
 
 def run(workload="teacher", job_path=None, max_workers=2, steps=None, warmup=3, parameter_servers=1, log=lambda m: None):
-    """The whole report: {"machine": ..., "results": [...]} with DESIGN section 6's keys."""
+    """The whole report: {"machine": ..., "results": [...]} with the keys of docs/bench.md."""
     from .api import load, spec_of
     from .job import job_to_dict
 

@@ -137,15 +137,20 @@ def _run_with_progress(job, resume, force, quiet, verbose=False):
     from .trainer import Trainer
 
     messages = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
-    bar = None if quiet else click.progressbar(length=job.train.steps, label="training", file=sys.stderr, item_show_func=lambda r: r, show_pos=True)
-    state = {"last": None}
+    state = {"bar": None, "last": 0}
 
     def on_step(row):
-        if bar is not None:
+        if quiet:
+            return
+        if state["bar"] is None:  # the step count is known once the data is read (epochs)
+            bar = click.progressbar(length=trainer.actors.total_steps, label="training", file=sys.stderr, item_show_func=lambda r: r, show_pos=True)
+            state["bar"] = bar.__enter__()
+            state["last"] = row["step"] - 1  # a resumed run starts where it left off
+            bar.update(state["last"])
+        if row["step"] > state["last"]:  # a step replayed after a failure moves nothing
             acc = f" acc {row['accuracy']:.3f}" if "accuracy" in row else ""
-            rate = row["step"] / max(row["seconds"], 1e-9)
-            bar.update(row["step"] - (state["last"] or row["step"] - 1), f"loss {row['loss']:.4f}{acc} {rate:.1f} steps/s")
-        state["last"] = row["step"]
+            state["bar"].update(row["step"] - state["last"], f"loss {row['loss']:.4f}{acc}")
+            state["last"] = row["step"]
 
     detail = (lambda m: click.echo(m, err=True)) if verbose else None
     trainer = Trainer(job, resume=resume, force=force, log=messages, on_step=on_step, detail=detail)
@@ -158,11 +163,10 @@ def _run_with_progress(job, resume, force, quiet, verbose=False):
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if bar is not None:
-            with bar:
-                return trainer.run()
         return trainer.run()
     finally:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
         for s, handler in old.items():
             signal.signal(s, handler)
 
@@ -238,7 +242,7 @@ def predict(model_path, data_path, out_path):
 @click.option("--model", "scaling", is_flag=True, help="Also predict time per step on 1..256 cloud workers (docs/scaling.md).")
 @click.option("--bandwidth-gbit", type=float, default=10.0, show_default=True, help="Network bandwidth for --model.")
 @click.option("--chart", "chart_path", help="Also draw time per step against workers into this PNG.")
-@click.option("--engine", type=click.Choice(list(ENGINES)), default="direct", show_default=True, help="The step engine: Ray's compiled graph, or plain Ray tasks (as DISTBP_ENGINE).")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="direct", show_default=True, help="The step engine: direct links between the actors, or plain Ray tasks (as DISTBP_ENGINE).")
 @one_line_errors
 def bench(job_file, workloads, max_workers, steps, warmup, parameter_servers, as_json, scaling, bandwidth_gbit, chart_path, engine):
     """Time per step against the matrix-product ceiling: one process and 1..N Ray workers."""

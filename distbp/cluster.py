@@ -1,4 +1,4 @@
-"""Starting or joining Ray (DESIGN section 5) and creating the actors.
+"""Starting or joining Ray (the README's Ray hygiene) and checking its capacity.
 
 The embedded Ray and any join of a 127.0.0.0/8 address run in Ray's loopback mode, which
 Ray reads from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is first imported; so the mode is

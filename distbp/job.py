@@ -1,6 +1,6 @@
 """The job-file schema: loading, defaults, validation and the resolved, hashable form of a job.
 
-A job file is YAML (DESIGN.md section 3). `load_job` reads it, applies `--set key.path=value`
+A job file is YAML (every key: the README's "The job file"). `load_job` reads it, applies `--set key.path=value`
 overrides, fills in every default and checks every value, raising a one-line `JobError` that
 names the dotted key (`job.yaml: train.optimizer.lr: expected a number > 0, got -1`).
 The result is a frozen tree of dataclasses; each field states its default and its check once.

@@ -27,7 +27,7 @@ class RunResult:
     replacements: int = 0  # workers or parameter actors replaced after failures
     stopped_early: bool = False
     plot_path: str | None = None
-    engine: str | None = None  # the step engine that ran: graph or tasks
+    engine: str | None = None  # the step engine that ran: direct or tasks
     phases: dict = field(default_factory=dict)  # start-up and finish, in seconds
 
     @property

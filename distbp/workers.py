@@ -156,7 +156,11 @@ class ShardWorker:
         if name != "train" or self.plan.batch is None:
             return x, y
         rows = self._ordinals(step) - self.offset
-        return x[rows], y[rows]
+        if getattr(self, "batch_x", None) is None:  # reused every step: no fresh pages to fault in
+            self.batch_x = np.empty((self.plan.batch, x.shape[1]), x.dtype)
+            self.batch_y = np.empty((self.plan.batch, *y.shape[1:]), y.dtype)
+        n = len(rows)
+        return np.take(x, rows, axis=0, out=self.batch_x[:n]), np.take(y, rows, axis=0, out=self.batch_y[:n])
 
     def step(self, order, *weights):
         """Gradient sums of this shard's rows of step `order.step` at `weights` (one array per

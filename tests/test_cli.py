@@ -146,3 +146,22 @@ def test_data_make_writes_each_format(tmp_path):
 
         source = data.open_source(str(out))
         assert source.num_rows == 50 and source.columns == [f"x{i}" for i in range(6)] + ["label"]
+
+
+def test_tiny_job_runs_as_the_readme_shows_it_and_names_its_engine_and_phases(tmp_path):
+    shutil.copy(ROOT / "jobs" / "tiny.yaml", tmp_path / "tiny.yaml")
+    run = distbp("run", "tiny.yaml", "--verbose", cwd=tmp_path)  # stderr piped, no --quiet
+    assert run.returncode == 0, run.stderr
+    assert "setup: 2 workers, 1 parameter actor(s), 256 training rows, 337 parameters, engine direct" in run.stderr
+    phases = next(line for line in run.stderr.splitlines() if line.startswith("phases: "))
+    for name in ("imports", "ray_start", "actor_start", "data_read", "first_step", "plot", "shutdown"):
+        assert f"{name} " in phases, phases
+    assert run.stdout.startswith("done: 2000 steps")
+    assert not any(p.name.startswith("distbp-") for p in Path("/dev/shm").glob("*"))
+
+
+def test_an_epochs_job_runs_with_its_progress_bar(ray_session, make_job):
+    job = make_job(name="ep", rows=120, train={"steps": None, "epochs": 2, "batch": 25})
+    result = CliRunner().invoke(main, ["run", str(job)])  # no --quiet: the bar is drawn
+    assert result.exit_code == 0, result.output
+    assert "done: 10 steps" in result.output
