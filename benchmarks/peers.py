@@ -34,7 +34,7 @@ def build(name, rank=0, workers=1):
 
     w = bench.WORKLOADS[name]
     dtype = torch.float64 if w["dtype"] == "float64" else torch.float32
-    spec = nn.Spec(w["layers"], w["activation"], w["output"], w["loss"], "he", w["dtype"])
+    spec = bench.workload_spec(name)
     x, labels = bench.workload_data(w["layers"], w["rows"])
     a, b = w["rows"] * rank // workers, w["rows"] * (rank + 1) // workers
     layers = []
@@ -160,7 +160,7 @@ def main():
     ap.add_argument("--steps", type=int, help="timed steps; default: as distbp bench picks them for the workload")
     args = ap.parse_args()
     w = bench.WORKLOADS[args.workload]
-    spec = nn.Spec(w["layers"], w["activation"], w["output"], w["loss"], "he", w["dtype"])
+    spec = bench.workload_spec(args.workload)
     k = 1 if args.system == "torch" else args.workers
     steps = bench.steps_for(spec, w["rows"], k, args.steps)
     if args.system == "torch":

@@ -34,6 +34,11 @@ MAX_STEPS = 2000
 FIXED_GUESS_S = 0.003  # a step's fixed cost, for choosing a step count before measuring
 
 
+def workload_spec(name):
+    """The network spec of a workload (He init)."""
+    return _spec(WORKLOADS[name])
+
+
 def _spec(w):
     return nn.Spec(w["layers"], w["activation"], w["output"], w["loss"], "he", w["dtype"])
 
@@ -94,7 +99,7 @@ def workload_data(layers, rows, seed=0):
 
 def workload_params(name, seed=0):
     """The flat initial weights every system starts a workload from (He init, zero biases)."""
-    return nn.init_params(_spec(WORKLOADS[name]), np.random.default_rng(seed))
+    return nn.init_params(workload_spec(name), np.random.default_rng(seed))
 
 
 def _write_random_table(path, layers, rows, seed):
@@ -131,8 +136,12 @@ def steps_for(spec, rows, workers, steps=None, min_seconds=MIN_SECONDS):
     if steps:
         return steps
     sample = min(rows, 512)
-    guess = ceiling_sec(spec, sample, 1, repeats=3) * rows / sample / workers + FIXED_GUESS_S
-    return int(min(MAX_STEPS, max(10, np.ceil(min_seconds / guess))))
+    return step_count(ceiling_sec(spec, sample, 1, repeats=3) * rows / sample / workers + FIXED_GUESS_S, min_seconds)
+
+
+def step_count(sec_per_step, min_seconds=MIN_SECONDS):
+    """Steps that last `min_seconds` at `sec_per_step`, 10 to MAX_STEPS."""
+    return int(min(MAX_STEPS, max(10, np.ceil(min_seconds / sec_per_step))))
 
 
 def distributed(job_dict, workers, steps, warmup, workdir):

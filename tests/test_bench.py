@@ -39,11 +39,10 @@ def test_bench_json_holds_every_key_with_positive_numbers(tmp_path):
 
 
 def test_steps_are_chosen_by_time_for_millisecond_workloads():
-    tiny = nn.Spec(bench.WORKLOADS["tiny"]["layers"], "relu", "sigmoid", "binary_cross_entropy", "he", "float64")
-    wide = nn.Spec(bench.WORKLOADS["wide"]["layers"], "relu", "softmax", "cross_entropy", "he", "float32")
-    assert bench.steps_for(tiny, 256, 2) >= 500  # a 3 ms guess: at least 3 s of steps
-    assert bench.steps_for(wide, 8192, 2) == 10  # a second a step: the floor
-    assert bench.steps_for(tiny, 256, 2, steps=7) == 7
+    assert bench.step_count(0.003) == 1000  # 3 ms steps: 3 s of them
+    assert bench.step_count(0.0001) == bench.MAX_STEPS  # 0.1 ms steps: the cap, not 30,000
+    assert bench.step_count(1.5) == 10  # second-scale steps: the floor
+    assert bench.steps_for(bench.workload_spec("tiny"), 256, 2, steps=7) == 7  # --steps wins
 
 
 def test_batch512_is_the_teacher_network_on_the_first_512_rows_of_its_data():
