@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cluster, data, nn, sampling
+from . import cluster, data, faults, nn, sampling
 from .checks import check_validation_rows, merge_summaries
 from .errors import DistbpError, UsageError
 from .link import LinkError
@@ -155,6 +155,8 @@ class Actors:
 
     def snapshot(self):
         """(params, optimizer state, best weights or None) gathered from the parameter actors."""
+        if faults.armed("snapshot"):
+            kill(self.servers[0])
         snaps = get([s.snapshot.remote() for s in self.servers])
         params = np.concatenate([s["params"] for s in snaps])
         opt_state = join_state([{k[4:]: v for k, v in s.items() if k.startswith("opt_")} for s in snaps], params.size)

@@ -144,7 +144,10 @@ def _start(ray, address, num_cpus, timeout_s):
 def worker_env():
     """((key, value or None), ...): what a shard worker sets (or, for None, unsets) in its own
     environment, so that it sees the user's proxy settings and not the embedded Ray's."""
-    return tuple(sorted(_WORKER_ENV.items()))
+    env = dict(_WORKER_ENV)
+    if os.environ.get("DISTBP_FAULT"):  # the test-only fault hook (faults.py) reaches the workers
+        env["DISTBP_FAULT"] = os.environ["DISTBP_FAULT"]
+    return tuple(sorted(env.items()))
 
 
 def check_capacity(workers, cpus_per_worker):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, rundir
+from . import checkpoint, faults, rundir
 from .errors import UsageError
 from .job import job_hash, job_to_dict
 from .messages import CORRECT, COUNT, DELTAS, LOSS, layer_norms
@@ -135,6 +135,8 @@ class RunOutputs:
 
     def checkpoint(self, step, params, opt_state, best, done):
         """Write a checkpoint of `step` (and upload it with its marker); returns where it is."""
+        faults.hit("checkpoint_slow", step)
+        faults.hit("checkpoint_write", step)
         best_meta, best_params = (None, None) if best is None else best
         ckpt = checkpoint.Checkpoint(step, params, opt_state, job_hash(self.job), self.job.seed, done, self.job.cluster.workers, best_meta, best_params)
         path = checkpoint.save(self.ckpt_dir, ckpt, self.job.train.keep_checkpoints)

@@ -5,7 +5,7 @@ actor refuses any step but the next, so a redo never applies an update twice or 
 
 import numpy as np
 
-from . import nn
+from . import faults, nn
 from .actors import Start, get, ping, recoverable
 from .errors import TrainingError
 
@@ -60,6 +60,10 @@ class Recovery:
         for k in dead_workers:
             self._count(f"worker {k} lost ({first})")
             self.log(f"worker {k} lost; starting a replacement ({self.replacements} of at most {self.job.cluster.max_failures})")
+            if faults.armed("recovery"):  # a second failure, while this one is being handled
+                from .actors import kill
+
+                kill(self.actors.workers[(k + 1) % len(self.actors.workers)])
             if not self.actors.replace_worker(k, wait_s):
                 self._save_before_giving_up(dead_servers)
                 raise TrainingError(

@@ -7,7 +7,7 @@ outputs (the run folder). The driver holds no backprop math and no data."""
 import time
 import numpy as np
 
-from . import cluster, engine, nn, schedule
+from . import cluster, engine, faults, nn, schedule
 from .actors import Actors, Start, recoverable
 from .checks import ensure_data, prepare  # noqa: F401 (prepare: used with setup)
 from .errors import DistbpError
@@ -220,6 +220,7 @@ class Trainer:
         finished always has its model."""
         params, _, best = self.actors.snapshot()
         self.outputs.write_model(self.model, best if self.stopper is not None and best is not None else params)
+        faults.hit("model_written")
         path = self._checkpoint(step, done=True)
         self.outputs.finish(self.phases)
         return RunResult(

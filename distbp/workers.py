@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import data, nn, sampling
+from . import data, faults, nn, sampling
 from . import link, shm
 from .messages import Sums, stats_vector
 
@@ -166,7 +166,10 @@ class ShardWorker:
         """Gradient sums of this shard's rows of step `order.step` at `weights` (one array per
         parameter actor). Returns S gradient slices, one per parameter actor, then the Sums;
         on evaluate steps these include the validation rows' sums (forward pass only)."""
-        return self._step(order, self._params(weights))
+        out = self._step(order, self._params(weights))
+        if order.evaluate and self.plan.rank == 1:
+            faults.hit("worker_after_eval", order.step)  # (under the task engine: before it returns)
+        return out
 
     def _step(self, order, params, out=None):
         spec = self.plan.spec
@@ -225,6 +228,8 @@ class ShardWorker:
                         link.send(conn, link.as_bytes(np.ascontiguousarray(grad)), payload)
                     else:
                         link.send(conn, payload)
+                if orders[0].evaluate and self.plan.rank == 1:
+                    faults.hit("worker_after_eval", orders[0].step)
                 steps += 1
             raise link.LinkError("no links to the parameter actors")
         except BaseException:

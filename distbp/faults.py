@@ -1,0 +1,44 @@
+"""A test-only fault hook. DISTBP_FAULT=POINT[@STEP][,POINT[@STEP]...] makes the run fail at one named point,
+every time, so that a test can open a failure window that a real failure hits only by chance.
+Unset (always, outside tests), `hit` is one dictionary lookup and does nothing.
+
+Driver points fire once per process; worker points fire in the worker of rank 1 at STEP.
+    model_written       the driver exits hard after model.npz, before the checkpoint marked done
+    checkpoint_write    writing a checkpoint fails with an OSError (a full disk)
+    checkpoint_slow     writing a checkpoint takes 4 s more (room for a second signal)
+    snapshot            parameter actor 0 is killed as the driver gathers a snapshot
+    recovery            a second worker is killed while recovery replaces the first
+    metrics_rewrite     the driver exits hard halfway through rewriting metrics.csv
+    worker_after_eval   the worker exits hard right after sending evaluation step STEP
+"""
+
+import os
+import time
+
+ENV = "DISTBP_FAULT"
+_fired = set()
+
+
+def armed(point, step=None):
+    """Whether DISTBP_FAULT names `point` (and `step`, when it gives one) and has not fired
+    yet in this process."""
+    for spec in filter(None, os.environ.get(ENV, "").split(",")):
+        name, _, at = spec.partition("@")
+        if name == point and point not in _fired and not (at and step is not None and int(at) != step):
+            _fired.add(point)
+            return True
+    return False
+
+
+def hit(point, step=None):
+    """Fail here if DISTBP_FAULT names this point. Kills (os._exit, ray.kill) are done by the
+    caller's own code where they need an actor; the rest happen here."""
+    if not armed(point, step):
+        return False
+    if point in ("model_written", "metrics_rewrite", "worker_after_eval"):
+        os._exit(3)
+    if point == "checkpoint_write":
+        raise OSError(28, "No space left on device (DISTBP_FAULT)")
+    if point == "checkpoint_slow":
+        time.sleep(4)
+    return True
