@@ -64,7 +64,7 @@ def _read_for(model: Model, data_path):
     missing = [c for c in model.features if c not in table.column_names]
     if missing:
         raise DataError(f"{data_path}: missing feature column '{missing[0]}' that the model was trained on")
-    return table, data.features_to_numpy(table, model.features, np.float64)
+    return table, data.features_to_numpy(table, model.features, model.spec.np_dtype)  # as the workers read them
 
 
 def evaluate(model_path, data_path):

@@ -4,7 +4,6 @@ stderr and an exit code (2 bad input, 1 failure, 130/143 after a signal); no tra
 import functools
 import json
 import os
-import signal
 import sys
 
 import click
@@ -153,22 +152,12 @@ def _run_with_progress(job, resume, force, quiet, verbose=False):
             state["last"] = row["step"]
 
     detail = (lambda m: click.echo(m, err=True)) if verbose else None
-    trainer = Trainer(job, resume=resume, force=force, log=messages, on_step=on_step, detail=detail)
-
-    def on_signal(signum, frame):
-        if trainer.stop_requested:  # a second signal: go now, keep the previous checkpoint
-            signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt
-        trainer.stop_requested = signum
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    trainer = Trainer(job, resume=resume, force=force, log=messages, on_step=on_step, detail=detail, signals=True)
     try:
         return trainer.run()
     finally:
         if state["bar"] is not None:
             state["bar"].__exit__(None, None, None)
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 @main.command()

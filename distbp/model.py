@@ -31,11 +31,15 @@ class Model:
     x_std: np.ndarray | None = None
 
     def standardized(self, X):
-        X = np.asarray(X, dtype=np.float64)
+        """X cast to the model's dtype, then standardised in that dtype: the workers' own
+        path in training, so training, eval and predict see the same inputs, bit for bit."""
+        dtype = self.spec.np_dtype
+        X = np.array(X, dtype=dtype)  # a copy: standardised in place
         if X.ndim != 2 or X.shape[1] != self.spec.layers[0]:
             raise DataError(f"expected {self.spec.layers[0]} feature columns {self.features}, got shape {X.shape}")
         if self.x_mean is not None:
-            X = (X - self.x_mean) / self.x_std
+            X -= self.x_mean.astype(dtype)
+            X /= self.x_std.astype(dtype)
         return X
 
     def predict_proba(self, X):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import checkpoint, faults, rundir
-from .errors import UsageError
+from .errors import TrainingError, UsageError
 from .job import job_hash, job_to_dict
 from .messages import CORRECT, COUNT, DELTAS, LOSS, layer_norms
 
@@ -136,10 +136,16 @@ class RunOutputs:
     def checkpoint(self, step, params, opt_state, best, done):
         """Write a checkpoint of `step` (and upload it with its marker); returns where it is."""
         faults.hit("checkpoint_slow", step)
-        faults.hit("checkpoint_write", step)
         best_meta, best_params = (None, None) if best is None else best
         ckpt = checkpoint.Checkpoint(step, params, opt_state, job_hash(self.job), self.job.seed, done, self.job.cluster.workers, best_meta, best_params)
-        path = checkpoint.save(self.ckpt_dir, ckpt, self.job.train.keep_checkpoints)
+        try:
+            faults.hit("checkpoint_write", step)  # tests: a full disk, here
+            path = checkpoint.save(self.ckpt_dir, ckpt, self.job.train.keep_checkpoints)
+        except OSError as err:
+            raise TrainingError(
+                f"cannot write the checkpoint of step {step} to {self.ckpt_dir}: {err.strerror or err}",
+                hint="the checkpoints written before are kept; free the space or fix the folder, then continue with --resume",
+            ) from None
         if self.remote:
             self.publish("metrics.csv")
             self.remote.put_checkpoint(path, set(os.listdir(self.ckpt_dir)))
@@ -152,7 +158,13 @@ class RunOutputs:
     # -- the end ------------------------------------------------------------------------------
     def write_model(self, model, params):
         model.params = np.asarray(params)
-        model.save(os.path.join(self.out_dir, "model.npz"))
+        try:
+            model.save(os.path.join(self.out_dir, "model.npz"))
+        except OSError as err:
+            raise TrainingError(
+                f"cannot write {os.path.join(self.out_dir, 'model.npz')}: {err.strerror or err}",
+                hint="the checkpoints are kept; free the space or fix the folder, then continue with --resume",
+            ) from None
 
     def finish(self, phases):
         """Close metrics.csv and upload the last files; plot.png is drawn in a thread, beside

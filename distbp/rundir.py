@@ -64,7 +64,9 @@ def write_job(out_dir, job_dict):
 
 class MetricsWriter:
     """Appends one row per step to metrics.csv, flushed as it goes. On resume, rows after the
-    checkpoint's step are dropped first, so the file never holds a step twice."""
+    checkpoint's step are dropped first, so the file never holds a step twice: the rows kept
+    go to a temporary file that replaces metrics.csv in one rename, so a crash leaves the old
+    file or the new one, never half of one."""
 
     def __init__(self, path, columns, keep_until_step=None):
         self.path, self.columns = path, list(columns)
@@ -72,13 +74,19 @@ class MetricsWriter:
         if keep_until_step is not None and os.path.exists(path):
             with open(path, newline="") as f:
                 kept = [row for row in csv.DictReader(f) if int(row["step"]) <= keep_until_step]
-        self.file = open(path, "w", newline="")
+        tmp = os.path.join(os.path.dirname(path), ".metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            for i, row in enumerate(kept):
+                if i == len(kept) // 2:
+                    faults.hit("metrics_rewrite")
+                writer.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, self.columns, extrasaction="ignore")
-        self.writer.writeheader()
-        for i, row in enumerate(kept):
-            if i == len(kept) // 2:
-                faults.hit("metrics_rewrite")
-            self.writer.writerow(row)
         self.last_seconds = float(kept[-1]["seconds"]) if kept else 0.0
 
     def write(self, row):

@@ -4,7 +4,9 @@ checkpoint, and at the end write the model. What each of those does lives in its
 against its data), actors (creating them), engine (carrying out a step), recovery (failures),
 outputs (the run folder). The driver holds no backprop math and no data."""
 
+import signal
 import time
+
 import numpy as np
 
 from . import cluster, engine, faults, nn, schedule
@@ -21,13 +23,15 @@ class Trainer:
     """One run of a job. `run()` returns a RunResult; errors are DistbpError subclasses.
     `log` gets warnings and notices; `detail` gets the set-up and phase lines (--verbose)."""
 
-    def __init__(self, job, resume=False, force=False, log=None, on_step=None, detail=None):
+    def __init__(self, job, resume=False, force=False, log=None, on_step=None, detail=None, signals=False):
         self.job = job
         self.log = log or (lambda msg: None)
         self.detail = detail or (lambda msg: None)
         self.on_step = on_step or (lambda row: None)
         self.outputs = RunOutputs(job, resume, force, self.log)
         self.stop_requested = None  # a signal number: checkpoint after the current step and stop
+        self.signals = signals  # catch SIGINT and SIGTERM (the command line does; main thread only)
+        self.last = (0, None)  # the last step recorded, and its row
         self.actors = self.engine = self.recovery = None
         self.phases = {}  # seconds: imports, ray_start, actor_start, data_read, first_step, plot, shutdown
 
@@ -67,7 +71,13 @@ class Trainer:
             return RunResult(outputs.where(""), outputs.where("model.npz"), None, ckpt.step, already_finished=True)
         ensure_data(job, self.log)
         prep = prepare(job)
-        started = cluster.connect(job.cluster.address, job.cluster.workers * job.cluster.cpus_per_worker, job.cluster.connect_timeout_s, self.phases)
+        saved = self._catch_signals()
+        try:
+            started = cluster.connect(job.cluster.address, job.cluster.workers * job.cluster.cpus_per_worker, job.cluster.connect_timeout_s, self.phases)
+        except BaseException:
+            self._restore_signals(saved)
+            raise
+        self._catch_signals()  # again: ray.init sets a SIGTERM handler of its own
         try:
             cluster.check_capacity(job.cluster.workers, job.cluster.cpus_per_worker)
             self.setup(prep, ckpt)
@@ -90,8 +100,27 @@ class Trainer:
             self.phases["shutdown"] = time.perf_counter() - t
             plot = outputs.plot_done()  # drawn while the actors and Ray shut down
             outputs.close()
+            self._restore_signals(saved)
         result.plot_path = plot
         return result
+
+    def _catch_signals(self):
+        """SIGINT and SIGTERM: checkpoint after the step under way, then stop (Interrupted,
+        exit 128 + signal). A second one stops at once (SecondSignal), with the checkpoints
+        already written kept. Returns the handlers it replaced (None when not catching)."""
+        if not self.signals:
+            return None
+
+        def on_signal(signum, frame):
+            if self.stop_requested:
+                raise SecondSignal(signum, self.last[0])
+            self.stop_requested = signum
+
+        return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _restore_signals(self, saved):
+        for s, handler in (saved or {}).items():
+            signal.signal(s, handler)
 
     def _columns(self):
         L, task = self.actors.spec.num_layers, self.job.data.task
@@ -153,6 +182,16 @@ class Trainer:
                 step = orders[-1].step + 1
             except recoverable() as err:
                 ahead = None
+                step, result = self._recover(err)
+                if result is not None:
+                    return result
+
+    def _recover(self, err):
+        """Bring the actors back after `err`, and after any failure met on the way (each one
+        counts against cluster.max_failures). Returns (the step to go on from, the RunResult
+        when the run ended on the way, else None)."""
+        while True:
+            try:
                 step, restored, ckpt = self.recovery.recover(err)
                 if restored:
                     self.outputs.open_metrics(step - 1)  # the replayed steps' rows are written again
@@ -164,8 +203,11 @@ class Trainer:
                     if self.last[1] is not None and self._at_barrier(self.last[0]):
                         result = self._after(self.last[0])  # its checkpoint or end is still to do
                         if result is not None:
-                            return result
+                            return step, result
                 self.engine.rebuild()
+                return step, None
+            except recoverable() as again:
+                err = again
 
     def _record(self, order, infos):
         row = self.outputs.row(order, infos, self.actors.spec, self.actors.bounds, self.job.data.task, self.t0)
@@ -234,6 +276,17 @@ class Interrupted(DistbpError):
 
     def __init__(self, signum, step, path):
         super().__init__(f"stopped by signal {signum} after step {step}; checkpoint {path}", hint="continue with --resume")
+        self.exit_code = 128 + signum
+
+
+class SecondSignal(DistbpError):
+    """A second signal while the run was stopping: it stops at once; exit code 128 + signal."""
+
+    def __init__(self, signum, step):
+        super().__init__(
+            f"stopped by a second signal {signum} after step {step}, before the checkpoint under way was written",
+            hint="the checkpoints written before are kept; continue with --resume",
+        )
         self.exit_code = 128 + signum
 
 
