@@ -155,5 +155,7 @@ def make_dataset(kind: str, rows: int | None, seed: int = 0, **options) -> pa.Ta
         bound = f"between 1 and {limit}" if kind == "digits" else "a positive integer"
         raise DataError(f"data.make.rows: {kind} needs rows {bound}, got {rows!r}")
     _check_options(kind, options)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DataError(f"seed: expected an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(seed)
     return KINDS[kind](None if rows is None else int(rows), rng, **options)

@@ -454,7 +454,9 @@ def apply_override(d: dict, assignment: str) -> None:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise JobError(f"--set {assignment}: the value is not valid YAML ({getattr(err, 'problem', err)})")
+        raise JobError(f"--set {assignment}: the value is not valid YAML ({getattr(err, 'problem', err)})") from None
+    except (ValueError, RecursionError) as err:  # e.g. an impossible date like 2024-13-40, or [[[[...
+        raise JobError(f"--set {assignment}: the value is not valid YAML ({err})") from None
     node = d
     for i, part in enumerate(parts[:-1]):
         if node.get(part) is None:

@@ -50,10 +50,11 @@ class Model:
         return out
 
     def predict(self, X):
-        """Class labels (rows,) for classification, targets (rows, n_targets) for regression."""
+        """Class labels (rows,) for classification; for regression the targets (rows,) for
+        one target and (rows, targets) for several, as scikit-learn returns them."""
         out = self.predict_proba(X)
         if self.task == "regression":
-            return out
+            return out[:, 0] if out.shape[1] == 1 else out
         return np.asarray(self.classes, dtype=object if isinstance(self.classes[0], str) else None)[out.argmax(axis=1)]
 
     def spec_json(self):
@@ -83,23 +84,77 @@ class Model:
         atomic_savez(path, arrays)
 
 
+_SPEC_TYPES = {  # spec key -> (the JSON types it may hold, what the error says)
+    "layers": (list, "a list of widths"), "activations": (list, "a list of names"), "output": (str, "a name"),
+    "loss": (str, "a name"), "dtype": (str, "a name"), "task": (str, "classification or regression"),
+    "features": (list, "a list of column names"), "labels": (list, "a list of column names"), "classes": (list, "a list"),
+}
+
+
 def load_model(path):
-    """Read a model.npz written by distbp (never unpickles anything)."""
+    """Read a model.npz written by distbp (never unpickles anything). Anything else, or a
+    file whose arrays do not fit its spec, is a UsageError naming the file and what is wrong."""
+    import zipfile
+
     try:
         with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["spec"]))
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise UsageError(f"{path}: unsupported model format_version {meta.get('format_version')!r}")
-            spec = nn.Spec(meta["layers"], meta["activations"], meta["output"], meta["loss"], meta.get("init", "xavier"), meta["dtype"])
-            params = np.concatenate(
-                [np.concatenate([z[f"W{l}"].ravel(), z[f"b{l}"]]) for l in range(1, spec.num_layers + 1)]
-            ).astype(spec.np_dtype)
-            x_mean = z["x_mean"] if "x_mean" in z.files else None
-            x_std = z["x_std"] if "x_std" in z.files else None
-    except UsageError:
-        raise
+            arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise UsageError(f"{path}: no such model file") from None
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise UsageError(f"{path}: not a distbp model.npz ({type(err).__name__}: {err})") from None
-    return Model(spec, params, meta["task"], meta["features"], meta["labels"], meta["classes"], x_mean, x_std)
+    except (AttributeError, TypeError):  # np.load gave one array: a .npy file, not a .npz
+        raise UsageError(f"{path}: not a distbp model.npz (a single .npy array)") from None
+    try:
+        meta = json.loads(str(arrays["spec"]))
+    except KeyError:
+        raise UsageError(f"{path}: not a distbp model.npz (no 'spec')") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: not a distbp model.npz (spec is not JSON: {err})") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path}: not a distbp model.npz (spec is not a JSON object)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UsageError(f"{path}: unsupported model format_version {meta.get('format_version')!r}", hint=f"this distbp reads format_version {FORMAT_VERSION}")
+    for key, (kind, what) in _SPEC_TYPES.items():
+        if not isinstance(meta.get(key), kind):
+            raise UsageError(f"{path}: spec.{key}: expected {what}, got {meta.get(key)!r}")
+    task = meta["task"]
+    if task not in ("classification", "regression"):
+        raise UsageError(f"{path}: spec.task: expected classification or regression, got {task!r}")
+    if not all(isinstance(name, str) for name in meta["features"] + meta["labels"] + meta["activations"]):
+        raise UsageError(f"{path}: spec: features, labels and activations must be strings")
+    try:
+        spec = nn.Spec(meta["layers"], meta["activations"], meta["output"], meta["loss"], meta.get("init", "xavier"), meta["dtype"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise UsageError(f"{path}: spec does not describe a network distbp can run ({err})") from None
+    _check_fits(path, spec, meta, arrays)
+    params = np.concatenate([np.concatenate([arrays[f"W{l}"].ravel(), arrays[f"b{l}"]]) for l in range(1, spec.num_layers + 1)]).astype(spec.np_dtype)
+    x_mean, x_std = arrays.get("x_mean"), arrays.get("x_std")
+    return Model(spec, params, task, meta["features"], meta["labels"], meta["classes"], x_mean, x_std)
+
+
+def _check_fits(path, spec, meta, arrays):
+    """The arrays and names have the shapes the spec says."""
+    n_in, n_out = spec.layers[0], spec.layers[-1]
+    for l in range(1, spec.num_layers + 1):
+        for name, shape in ((f"W{l}", (spec.layers[l - 1], spec.layers[l])), (f"b{l}", (spec.layers[l],))):
+            array = arrays.get(name)
+            if array is None:
+                raise UsageError(f"{path}: not a distbp model.npz (no {name!r})")
+            if array.shape != shape or array.dtype.kind != "f":
+                raise UsageError(f"{path}: {name}: expected floats of shape {shape}, got {array.dtype} {array.shape}")
+    if ("x_mean" in arrays) != ("x_std" in arrays):
+        raise UsageError(f"{path}: x_mean and x_std come together, found only one")
+    for name in ("x_mean", "x_std"):
+        if name in arrays and (arrays[name].shape != (n_in,) or arrays[name].dtype.kind != "f"):
+            raise UsageError(f"{path}: {name}: expected {n_in} floats, got {arrays[name].dtype} {arrays[name].shape}")
+    if len(meta["features"]) != n_in:
+        raise UsageError(f"{path}: spec.features: expected {n_in} names (the input width), got {len(meta['features'])}")
+    if not meta["labels"]:
+        raise UsageError(f"{path}: spec.labels: expected at least one label column")
+    if meta["task"] == "classification":
+        classes = len(meta["classes"])
+        if classes < 2 or classes != (2 if spec.output == "sigmoid" else n_out):
+            raise UsageError(f"{path}: spec.classes: {classes} classes do not fit a {spec.output} output of {n_out} units")
+    elif len(meta["labels"]) != n_out:
+        raise UsageError(f"{path}: spec.labels: {len(meta['labels'])} targets do not fit {n_out} outputs")

@@ -7,7 +7,7 @@ Panels, against the optimizer step:
 3. per layer, the gradient norm (solid) and the mean |delta| (dashed, same colour) on a log
    scale, from the evaluation steps only (the other rows leave those cells empty).
 
-matplotlib is an optional extra (`pip install 'distbp[plot]'`); it is imported inside
+matplotlib (a dependency of distbp) is imported inside
 `plot_run`, never at module import, and only through its object API (no pyplot state).
 """
 
@@ -27,13 +27,19 @@ def _read_metrics(path: str) -> dict[str, list[float]]:
     """metrics.csv -> {column: values}, one value per row; an empty cell reads as NaN."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except csv.Error as err:
+        raise UsageError(f"{path}: not a metrics.csv ({err})") from None
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file", "is this a run folder? it holds metrics.csv") from None
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
     if not rows:
         raise UsageError(f"{path}: no steps recorded yet")
+    for i, row in enumerate(rows, start=2):
+        if None in row or None in row.values():
+            raise UsageError(f"{path}: line {i} has another number of fields than the header ({len(reader.fieldnames)})")
     columns: dict[str, list[float]] = {}
     for name in rows[0]:
         try:
@@ -60,9 +66,13 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UsageError("matplotlib is not installed", hint="pip install 'distbp[plot]'") from None
+        raise UsageError("matplotlib is not installed", hint="distbp needs it for plots: pip install 'matplotlib>=3.7,<4'") from None
     run_dir = os.fspath(run_dir)
     out_path = os.fspath(out_path) if out_path is not None else os.path.join(run_dir, "plot.png")
+    if os.path.isdir(out_path):
+        raise UsageError(f"-o {out_path}: is a folder", hint="give a file name, such as curves.png")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
+        raise UsageError(f"-o {out_path}: no folder {os.path.dirname(os.path.abspath(out_path))}")
     columns = _read_metrics(os.path.join(run_dir, "metrics.csv"))
     steps = columns["step"]
     layers = sorted({int(m.group(2)) for m in map(_LAYER_COLUMN.match, columns) if m})

@@ -104,7 +104,7 @@ def test_a_bad_cell_is_a_usage_error(tmp_path):
         plot_run(tmp_path)
 
 
-def test_without_matplotlib_the_error_names_the_extra(tmp_path, monkeypatch):
+def test_without_matplotlib_the_error_says_how_to_install_it(tmp_path, monkeypatch):
     write_metrics(tmp_path)
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes `import` fail
@@ -112,7 +112,7 @@ def test_without_matplotlib_the_error_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(UsageError) as info:
         plot_run(tmp_path)
     assert "matplotlib is not installed" in str(info.value)
-    assert info.value.hint == "pip install 'distbp[plot]'"
+    assert info.value.hint == "distbp needs it for plots: pip install 'matplotlib>=3.7,<4'"
     assert not (tmp_path / "plot.png").exists()
 
 
