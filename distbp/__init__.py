@@ -6,8 +6,10 @@
     model.predict(X), model.predict_proba(X)
 """
 
+from .errors import DataError, DistbpError, JobError, TrainingError, UsageError  # noqa: F401 (no heavy imports)
+
 __version__ = "0.1.0"
-__all__ = ["train", "load_model"]
+__all__ = ["train", "load_model", "DistbpError", "UsageError", "JobError", "DataError", "TrainingError"]
 
 
 def __getattr__(name):

@@ -11,8 +11,10 @@ from . import cluster, data, faults, nn, sampling
 from .checks import check_validation_rows, merge_summaries
 from .errors import DistbpError, UsageError
 from .link import LinkError
+from .messages import add_sums
 from .server import ParameterServer
 from .workers import ShardPlan, ShardWorker
+from .text import count
 
 CONTROL = "control"  # a concurrency group of its own: pings answer while a step computes
 
@@ -111,9 +113,11 @@ class Actors:
         rows = get([w.prepare.remote(*args) for w, args in zip(self.workers, self.prepare_args)])
         self.phases["data_read"] = time.perf_counter() - t
         self.has_val = any(r.get("val", 0) for r in rows)
+        self.sst = total_sum_of_squares(rows) if job.data.task == "regression" else {}
         check_validation_rows(job, self.has_val)
         batch = self.n_train if job.train.batch == "full" else int(job.train.batch)
-        self.total_steps = job.train.steps or job.train.epochs * sampling.steps_per_epoch(self.n_train, batch)
+        self.steps_per_epoch = None if job.train.steps else sampling.steps_per_epoch(self.n_train, batch)
+        self.total_steps = job.train.steps or job.train.epochs * self.steps_per_epoch
         self.mean, self.std = mean, std
 
     def start_servers(self, start):
@@ -122,7 +126,7 @@ class Actors:
         import ray
 
         if start.params.shape != (self.spec.num_params,):
-            raise UsageError(f"the checkpoint holds {start.params.size} parameters, the model needs {self.spec.num_params}")
+            raise UsageError(f"the checkpoint holds {count(start.params.size, 'parameter')}, the model needs {self.spec.num_params}")
         opt = self.job.train.optimizer
         kwargs = dict(name=opt.name, momentum=opt.momentum, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps, weight_decay=opt.weight_decay)
         placement = {"resources": dict(self.job.cluster.parameter_resources)}
@@ -163,6 +167,15 @@ class Actors:
         best = np.concatenate([s["best"] for s in snaps]) if all("best" in s for s in snaps) else None
         return params, opt_state, best
 
+    def evaluate(self, params):
+        """(train, val) stats vectors of `params` over every training and validation row,
+        forward only; the weights go out once, as one object-store reference."""
+        import ray
+
+        ref = ray.put(np.asarray(params, self.spec.np_dtype))
+        train, val, _ = add_sums(get([w.evaluate.remote(ref) for w in self.workers]))
+        return train, val
+
     def replace_worker(self, k, wait_s):
         """Kill worker k (lost or not) and start a replacement that reads its shard again.
         False when no node had a free CPU for it within `wait_s` seconds."""
@@ -189,6 +202,19 @@ class Actors:
         for actor in self.workers + self.servers:
             kill(actor)
         self.workers, self.servers = [], []
+
+
+def total_sum_of_squares(prepared):
+    """{'train': SST, 'val': SST}: the sum over targets of sum((y - mean y)^2), from the
+    workers' per-target sums of y and y^2 (what R^2 divides by)."""
+    sst = {}
+    for name in ("train", "val"):
+        parts = [r["targets"][name] for r in prepared if name in r.get("targets", {})]
+        n = sum(r.get(name, 0) for r in prepared)
+        if parts and n:
+            s, s2 = np.sum([p[0] for p in parts], axis=0), np.sum([p[1] for p in parts], axis=0)
+            sst[name] = float(np.sum(s2 - s * s / n))
+    return sst
 
 
 def remote_class(cls):

@@ -2,11 +2,12 @@
 evaluate and predict with a saved model. Each is a few lines over the library."""
 
 import os
+import re
 
 import numpy as np
 
 from . import data, nn
-from .errors import DataError
+from .errors import DataError, DistbpError
 from .job import Job, job_from_dict, load_job
 from .model import Model, load_model
 
@@ -49,7 +50,27 @@ def train(job_or_path, log=None, on_step=None, resume=False, force=False, **over
     from .trainer import Trainer
 
     sets = [f"{k.replace('__', '.')}={_yaml_scalar(v)}" for k, v in overrides.items()]
-    return Trainer(load(job_or_path, sets), resume=resume, force=force, log=log, on_step=on_step).run()
+    try:
+        return Trainer(load(job_or_path, sets), resume=resume, force=force, log=log, on_step=on_step).run()
+    except DistbpError as err:  # the way out, in this API's words rather than the command's
+        err.message, err.hint = _in_api_words(err.message), _in_api_words(err.hint)
+        raise
+
+
+_API_WORDS = [
+    (re.compile(r"distbp run JOB --resume --workers (\d+)"), r"distbp.train(job, resume=True, cluster__workers=\1)"),
+    (re.compile(r"--resume and --force"), "resume=True and force=True"),
+    (re.compile(r"--resume"), "resume=True"),
+    (re.compile(r"--force"), "force=True"),
+    (re.compile(r"--out\b"), "output__dir="),
+    (re.compile(r"--set ([\w.]+)="), lambda m: m.group(1).replace(".", "__") + "="),
+]
+
+
+def _in_api_words(text):
+    for pattern, words in _API_WORDS if text else ():
+        text = pattern.sub(words, text)
+    return text
 
 
 def _yaml_scalar(value):
@@ -68,20 +89,34 @@ def _read_for(model: Model, data_path):
 
 
 def evaluate(model_path, data_path):
-    """{'rows', 'loss', 'accuracy'} of a saved model on a data file (one process)."""
+    """A saved model measured on a data file (one process), as the training measured it:
+    {'rows', 'loss', 'accuracy'} for classification; for regression {'rows', 'loss', 'mse',
+    'rmse', 'r2'}, where loss is half the mean squared error (the mse loss), mse and rmse are
+    over every target value, and r2 = 1 - SSE / SST summed over the targets."""
+    from .messages import figures, stats_vector
+
     model = load_model(model_path)
     table, x = _read_for(model, data_path)
-    label = model.labels[0]
-    if label not in table.column_names:
-        raise DataError(f"{data_path}: missing label column '{label}'")
+    missing = [c for c in model.labels if c not in table.column_names]
+    if missing:
+        raise DataError(f"{data_path}: missing label column '{missing[0]}'")
     if model.task == "classification":
+        label = model.labels[0]
         y = data.encode_labels(data.label_values(table, label), model.classes, column=label)
     else:
-        y = data.targets_to_numpy(table, model.labels, np.float64)
+        y = data.targets_to_numpy(table, model.labels, model.spec.np_dtype)  # as the workers encode them
+    if not len(x):
+        raise DataError(f"{data_path}: no rows to evaluate")
     loss_sum, correct = nn.evaluate(model.spec, model.params, model.standardized(x), y)
-    result = {"rows": len(x), "loss": loss_sum / max(len(x), 1)}
-    if model.task == "classification":
-        result["accuracy"] = correct / max(len(x), 1)
+    stats = stats_vector(loss_sum, len(x), correct, 0.0, [])
+    sst = None
+    if model.task == "regression":
+        y64 = y.astype(np.float64)
+        sst = float(np.sum((y64 - y64.mean(axis=0)) ** 2))
+    result = {"rows": len(x), **figures(stats, model.task, model.spec.layers[-1], sst)}
+    if model.task == "regression":
+        result["mse"] = float(2 * loss_sum / (len(x) * model.spec.layers[-1]))
+        result = {k: result[k] for k in ("rows", "loss", "mse", "rmse", "r2") if k in result}
     return result
 
 

@@ -351,7 +351,7 @@ def chart(reports, path):
     except ImportError:
         from .errors import UsageError
 
-        raise UsageError("matplotlib is not installed", hint="pip install 'distbp[plot]'") from None
+        raise UsageError("matplotlib is not installed", hint="distbp needs it for plots: pip install 'matplotlib>=3.7,<4'") from None
     fig = Figure(figsize=(4.2 * len(reports), 3.6), layout="constrained")
     for ax, report in zip(fig.subplots(1, len(reports), squeeze=False)[0], reports):
         dist = [r for r in report["results"] if r["mode"] == "distributed"]

@@ -107,5 +107,5 @@ def load_latest(folder, warn=lambda msg: None):
         try:
             return load(path)
         except UsageError as err:
-            warn(f"skipping {err}")
+            warn(f"warning: skipping {err}")
     return None

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import data, nn
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .job import job_error
+from .text import count
 
 
 @dataclass
@@ -24,20 +25,27 @@ class Prepared:
 
 
 def ensure_data(job, log):
-    """Generate data.path from data.make when the file is missing (and say so)."""
+    """Generate data.path from data.make when the file is missing (and say so). The table
+    made is checked against the job as `prepare` checks a file, before it is written, so a
+    job that fails those checks leaves no data file behind."""
     path = job.data_path()
     if job.data.make and path and "://" not in path and not os.path.exists(path):
         options = {k: v for k, v in job.data.make.items() if k not in ("kind", "rows")}
         table = data.make_dataset(job.data.make["kind"], job.data.make.get("rows"), seed=job.seed, **options)
+        _check_source(job, data.TableSource(path, job.data.format, (path,), (table.num_rows,), table.schema))
         data.write_table(table, path)
-        log(f"made {job.data.make['kind']} data: {table.num_rows} rows -> {path}")
+        log(f"made {job.data.make['kind']} data: {count(table.num_rows, 'row')} -> {path}")
 
 
 def prepare(job):
     """Check the job against the data's schema: columns, types and the input width."""
     if not job.data_path():
         raise job_error(job, "data.path", "no data file given")
-    source = data.open_source(job.data_path(), job.data.format)
+    return _check_source(job, data.open_source(job.data_path(), job.data.format))
+
+
+def _check_source(job, source):
+    """The checks of `prepare` on a described table (on storage, or made and not yet written)."""
     features, labels = data.select_columns(source, job.data.features, job.data.labels, job.data.task)
     if job.cluster.workers > source.num_rows:
         raise job_error(job, "cluster.workers", f"more workers ({job.cluster.workers}) than rows ({source.num_rows}) in {job.data_path()}")
@@ -47,7 +55,10 @@ def prepare(job):
         raise job_error(job, "model.layers[-1]", f"expected {len(labels)} (the number of label columns), got {job.model.layers[-1]}")
     val_source = None
     if job.validation_path():
-        val_source = data.open_source(job.validation_path(), job.data.format)
+        try:
+            val_source = data.open_source(job.validation_path(), job.data.format)
+        except DataError as err:  # data.py names data.path in its messages; this is the validation file
+            raise DataError(err.message.replace("data.path:", "data.validation:", 1), err.hint) from None
         data.select_columns(val_source, features, labels, job.data.task)
     return Prepared(spec_of(job), source, features, labels, val_source)
 

@@ -11,7 +11,8 @@ import click
 from .bench import WORKLOADS
 from .datasets import KINDS
 from .engine import ENGINES
-from .errors import DistbpError
+from .errors import DistbpError, UsageError
+from .text import count
 
 # Set DISTBP_DEBUG=1 to see the traceback of an unexpected error.
 DEBUG = os.environ.get("DISTBP_DEBUG") == "1"
@@ -90,13 +91,13 @@ def main():
 
 @main.command()
 @click.argument("job_file", metavar="JOB", type=click.Path(dir_okay=False))
-@click.option("--workers", type=str, help="Override cluster.workers.")
+@click.option("--workers", metavar="N", help="Shard workers: overrides cluster.workers.")
 @click.option("--address", help="Join an existing Ray cluster: auto, host:port or ray://host:port.")
 @click.option("--out", "out_dir", help="Output folder (default runs/<name>).")
 @click.option("--resume", is_flag=True, help="Continue the run in the output folder from its newest checkpoint.")
 @click.option("--force", is_flag=True, help="Replace a run already in the output folder.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any job key, e.g. --set train.optimizer.lr=0.01.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar or status lines; warnings and errors still print.")
 @click.option("--verbose", is_flag=True, help="Also print the set-up line (workers, engine) and the time of each start-up and finish phase.")
 @click.option("--dry-run", is_flag=True, help="Validate the job and the data schema, then exit.")
 @one_line_errors
@@ -106,58 +107,59 @@ def run(job_file, workers, address, out_dir, resume, force, sets, quiet, verbose
 
     overrides = list(sets)
     overrides += [f"cluster.workers={workers}"] if workers is not None else []
-    overrides += [f"cluster.address={address}"] if address is not None else []
-    overrides += [f"output.dir={out_dir}"] if out_dir is not None else []
+    overrides += [f"cluster.address={json.dumps(address)}"] if address is not None else []  # a string, as typed
+    overrides += [f"output.dir={json.dumps(out_dir)}"] if out_dir is not None else []
     job = api.load(job_file, overrides)
     if dry_run:
         prep = api.dry_run(job)
         if prep is None:
             click.echo(f"ok: {job.source}: the job is valid; data.make will write {job.data_path()}")
         else:
-            click.echo(f"ok: {job.source}: {prep.source.num_rows} rows, {len(prep.features)} features, {prep.spec.num_params} parameters")
+            click.echo(f"ok: {job.source}: {count(prep.source.num_rows, 'row')}, {count(len(prep.features), 'feature')}, {count(prep.spec.num_params, 'parameter')}")
         return
     result = _run_with_progress(job, resume, force, quiet, verbose)
     if result.already_finished:
         click.echo(f"{result.out_dir}: already finished at step {result.steps}")
         return
-    final = result.final
-    acc = f", accuracy {final['accuracy']:.4f}" if "accuracy" in final else ""
-    val = f", val_loss {final['val_loss']:.4f}" if final.get("val_loss") is not None else ""
-    val += f", val_accuracy {final['val_accuracy']:.4f}" if final.get("val_accuracy") is not None else ""
-    early = " (early stop)" if result.stopped_early else ""
-    click.echo(f"done: {result.steps} steps{early} in {final.get('seconds', 0):.1f} s, loss {final.get('loss', float('nan')):.4f}{acc}{val} -> {result.model_path}")
+    click.echo(closing_line(result))
     if result.plot_path:
         click.echo(f"plot: {result.plot_path}")
     if verbose:
         click.echo("phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.phases.items()), err=True)
 
 
+def closing_line(result):
+    """`done: ...`: the steps, the training time, and the weights model.npz holds, measured
+    over every training (and validation) row."""
+    final = result.final
+    names = [k for k in ("loss", "accuracy", "rmse", "r2", "val_loss", "val_accuracy", "val_rmse", "val_r2") if k in final]
+    measured = ", ".join(f"{k} {final[k]:.4f}" for k in names)
+    early = " (early stop)" if result.stopped_early else ""
+    if result.best_step is not None:
+        weights = f"the best validation weights, evaluated at step {result.best_step}"
+    else:
+        weights = f"the weights after step {result.steps}"
+    return f"done: {count(result.steps, 'step')}{early} in {final.get('seconds', 0.0):.1f} s; model.npz holds {weights}: {measured} -> {result.model_path}"
+
+
 def _run_with_progress(job, resume, force, quiet, verbose=False):
+    from .progress import Progress
     from .trainer import Trainer
 
-    messages = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
-    state = {"bar": None, "last": 0}
+    progress = Progress(quiet=quiet)
 
     def on_step(row):
-        if quiet:
-            return
-        if state["bar"] is None:  # the step count is known once the data is read (epochs)
-            bar = click.progressbar(length=trainer.actors.total_steps, label="training", file=sys.stderr, item_show_func=lambda r: r, show_pos=True)
-            state["bar"] = bar.__enter__()
-            state["last"] = row["step"] - 1  # a resumed run starts where it left off
-            bar.update(state["last"])
-        if row["step"] > state["last"]:  # a step replayed after a failure moves nothing
-            acc = f" acc {row['accuracy']:.3f}" if "accuracy" in row else ""
-            state["bar"].update(row["step"] - state["last"], f"loss {row['loss']:.4f}{acc}")
-            state["last"] = row["step"]
+        if progress.total is None:  # the step count is known once the data is read (epochs)
+            actors = trainer.actors
+            progress.start(actors.total_steps, row["step"] - 1, actors.steps_per_epoch)  # resumed: from there
+        progress.step(row)
 
-    detail = (lambda m: click.echo(m, err=True)) if verbose else None
-    trainer = Trainer(job, resume=resume, force=force, log=messages, on_step=on_step, detail=detail, signals=True)
+    detail = progress.log if verbose else None
+    trainer = Trainer(job, resume=resume, force=force, log=progress.log, on_step=on_step, detail=detail, signals=True)
     try:
         return trainer.run()
     finally:
-        if state["bar"] is not None:
-            state["bar"].__exit__(None, None, None)
+        progress.close()
 
 
 @main.command()
@@ -172,7 +174,7 @@ def gradcheck(job_file, sets):
     job = api.load(job_file, list(sets))
     report = check(api.spec_of(job))
     for layer, n, err in report:
-        click.echo(f"layer {layer}: {n} parameters checked, relative error {err:.2e}")
+        click.echo(f"layer {layer}: {count(n, 'parameter')} checked, relative error {err:.2e}")
     worst = max(err for _, _, err in report)
     if worst > TOLERANCE:
         click.echo(f"error: gradcheck failed: relative error {worst:.2e} > {TOLERANCE:g}", err=True)
@@ -217,7 +219,7 @@ def predict(model_path, data_path, out_path):
     from . import api
 
     rows = api.predict_file(model_path, data_path, out_path)
-    click.echo(f"wrote {rows} predictions -> {out_path}")
+    click.echo(f"wrote {count(rows, 'prediction')} -> {out_path}")
 
 
 @main.command()
@@ -275,7 +277,10 @@ def data_make(kind, rows, out_path, seed, classes, features, layers):
 
     options = {"classes": classes, "features": features}
     if layers:
-        options["layers"] = [int(w) for w in layers.split(",")]
+        try:
+            options["layers"] = [int(w) for w in layers.split(",")]
+        except ValueError:
+            raise UsageError(f"--layers: expected widths separated by commas, such as 784,256,10; got {layers!r}") from None
     table = data.make_dataset(kind, rows, seed=seed, **{k: v for k, v in options.items() if v is not None})
     data.write_table(table, out_path)
-    click.echo(f"wrote {table.num_rows} rows x {table.num_columns} columns -> {out_path}")
+    click.echo(f"wrote {count(table.num_rows, 'row')} x {count(table.num_columns, 'column')} -> {out_path}")

@@ -12,6 +12,7 @@ import time
 from urllib.parse import urlsplit
 
 from .errors import ConnectError, UsageError
+from .text import count
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -158,6 +159,6 @@ def check_capacity(workers, cpus_per_worker):
     need = workers * cpus_per_worker
     if total < need:
         raise UsageError(
-            f"cluster.workers: {workers} workers x {cpus_per_worker:g} CPUs need {need:g} CPUs, the cluster has {total:g}",
+            f"cluster.workers: {count(workers, 'worker')} x {count(cpus_per_worker, 'CPU')} need {count(need, 'CPU')}, the cluster has {total:g}",
             hint="lower cluster.workers or cluster.cpus_per_worker, or add nodes",
         )

@@ -302,6 +302,32 @@ def open_source(path: str, format: str = "auto") -> TableSource:
                        tuple(batches) if format == "feather" else ())
 
 
+_STRUCTURAL = '[,"\r\n]'  # what forces a CSV field into quotes
+
+
+def _write_csv(table: pa.Table, sink) -> None:
+    """CSV as spreadsheets and pandas write it: quotes only around a name or value that holds
+    a comma, a quote or a line break (pyarrow's writer quotes every name and every string).
+    pyarrow writes the rows unless some string needs quotes; then Python's csv module does."""
+    import csv
+    import io
+
+    import pyarrow.compute as pc
+
+    def lines(rows):
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(rows)
+        return out.getvalue().encode()
+
+    sink.write(lines([table.column_names]))
+    strings = [c for c in table.columns if pa.types.is_string(c.type) or pa.types.is_large_string(c.type)]
+    if not any(pc.any(pc.match_substring_regex(c, _STRUCTURAL)).as_py() for c in strings):
+        pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+        return
+    for batch in table.to_batches(max_chunksize=65536):
+        sink.write(lines(zip(*(column.to_pylist() for column in batch.columns))))
+
+
 def write_table(table: pa.Table, path: str, row_group_size: int = 65536) -> None:
     """Write `table` as Parquet, CSV or Feather by the extension of `path`, atomically: a
     temporary file in the same folder, then a rename. A URI is written with one upload."""
@@ -317,16 +343,25 @@ def write_table(table: pa.Table, path: str, row_group_size: int = 65536) -> None
             with ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table, max_chunksize=row_group_size)
         else:
-            pacsv.write_csv(table, sink)
+            _write_csv(table, sink)
 
     if _is_uri(path):
-        fs, inner = pafs.FileSystem.from_uri(path)
-        with fs.open_output_stream(inner) as sink:
+        try:
+            fs, inner = pafs.FileSystem.from_uri(path)
+            sink = fs.open_output_stream(inner)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"cannot write {path}: {_first_line(err)}") from None
+        with sink:
             write(sink)
         return
+    if os.path.isdir(path):
+        raise DataError(f"cannot write {path}: it is a folder", "name a file")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:  # a file in the way of the folder, or no permission: nothing is written
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as err:
+        raise DataError(f"cannot write {path}: {err.strerror or _first_line(err)}") from None
     try:
         with open(fd, "wb") as f:
             write(pa.PythonFile(f, mode="w"))
@@ -431,7 +466,12 @@ def features_to_numpy(table: pa.Table, feature_names: list[str], dtype=np.float3
     out = np.empty((table.num_rows, len(feature_names)), dtype=dtype)
     arrow_type = pa.from_numpy_dtype(dtype)
     for j, name in enumerate(feature_names):
-        column = table.column(name).cast(arrow_type, safe=False)  # int64 -> float32 may round
+        if name not in table.column_names:
+            raise DataError(f"column {name!r} not found (columns: {', '.join(table.column_names)})")
+        try:
+            column = table.column(name).cast(arrow_type, safe=False)  # int64 -> float32 may round
+        except pa.ArrowException as err:  # strings, lists, ...: what select_columns refuses up front
+            raise DataError(f"column {name!r} is {table.column(name).type}, not numeric: {_first_line(err)}") from None
         out[:, j] = column.to_numpy()  # a ChunkedArray's nulls become NaN for float types
     return out
 

@@ -57,6 +57,22 @@ def add_sums(sums):
     return train, (np.sum(vals, axis=0) if vals else None), max(s.train[SECONDS] for s in sums)
 
 
+def figures(stats, task, targets, sst=None, prefix=""):
+    """What a stats vector says, as Python floats: the mean loss, then the accuracy
+    (classification), or the RMSE over every target value and R^2 = 1 - SSE / SST
+    (regression; R^2 when `sst`, the targets' total sum of squares, is known). The mse loss
+    is half the squared error, so SSE = 2 * loss sum."""
+    n = stats[COUNT]
+    out = {f"{prefix}loss": float(stats[LOSS] / n)}
+    if task == "classification":
+        out[f"{prefix}accuracy"] = float(stats[CORRECT] / n)
+    else:
+        out[f"{prefix}rmse"] = float(np.sqrt(2 * stats[LOSS] / (n * targets)))
+        if sst:
+            out[f"{prefix}r2"] = float(1 - 2 * stats[LOSS] / sst)
+    return out
+
+
 def layer_norms(infos, bounds, num_layers):
     """(L,) norm of each layer's mean gradient, from the squares that the parameter actors
     report for their slices; `bounds[i]` are actor i's [(layer, start, stop)]."""

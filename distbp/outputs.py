@@ -12,7 +12,8 @@ import numpy as np
 from . import checkpoint, faults, rundir
 from .errors import TrainingError, UsageError
 from .job import job_hash, job_to_dict
-from .messages import CORRECT, COUNT, DELTAS, LOSS, layer_norms
+from .messages import CORRECT, COUNT, DELTAS, LOSS, figures, layer_norms
+from .text import count
 
 
 @dataclass
@@ -21,7 +22,9 @@ class RunResult:
     model_path: str | None
     checkpoint_path: str | None
     steps: int
-    final: dict = field(default_factory=dict)  # the last metrics row
+    final: dict = field(default_factory=dict)  # the saved weights measured: see `Trainer._final`
+    last_row: dict = field(default_factory=dict)  # the last metrics row written
+    best_step: int | None = None  # early stopping: model.npz holds the weights evaluated at this step
     resumed_from: int | None = None
     already_finished: bool = False
     replacements: int = 0  # workers or parameter actors replaced after failures
@@ -91,7 +94,7 @@ class RunOutputs:
                 hint="only cluster.* and output.* may change on --resume; use --force to start over",
             )
         if ckpt.workers and ckpt.workers != self.job.cluster.workers:
-            self.log(f"warning: resuming with {self.job.cluster.workers} workers instead of {ckpt.workers}: results will differ within float tolerance")
+            self.log(f"warning: resuming with {count(self.job.cluster.workers, 'worker')} instead of {ckpt.workers}: results will differ within float tolerance")
         return ckpt
 
     def begin(self, columns, keep_until_step):
@@ -113,18 +116,16 @@ class RunOutputs:
         return self.metrics.last_seconds
 
     # -- during the run ---------------------------------------------------------------------
-    def row(self, order, infos, spec, bounds, task, t0):
+    def row(self, order, infos, spec, bounds, task, t0, sst=None):
         """The metrics row of an applied step, from its StepInfos (one per parameter actor)."""
         info = infos[0]
         train, n = info.train, info.train[COUNT]
-        row = {"step": order.step, "loss": train[LOSS] / n, "seconds": round(info.applied_at - t0, 6), "lr": order.lr}
+        row = {"step": order.step, "loss": float(train[LOSS] / n), "seconds": round(info.applied_at - t0, 6), "lr": float(order.lr)}
         if task == "classification":
-            row["accuracy"] = train[CORRECT] / n
-        row["compute_sec"] = info.slowest
+            row["accuracy"] = float(train[CORRECT] / n)
+        row["compute_sec"] = float(info.slowest)  # on_step sees it (bench uses it); metrics.csv does not
         if info.val is not None and info.val[COUNT]:
-            row["val_loss"] = info.val[LOSS] / info.val[COUNT]
-            if task == "classification":
-                row["val_accuracy"] = info.val[CORRECT] / info.val[COUNT]
+            row.update(figures(info.val, task, spec.layers[-1], (sst or {}).get("val"), prefix="val_"))
         if order.evaluate:
             norms = layer_norms(infos, bounds, spec.num_layers)
             for l in range(spec.num_layers):
@@ -199,7 +200,7 @@ class RunOutputs:
         try:
             return plot_run(self.out_dir)
         except UsageError as err:
-            self.log(f"no plot: {err}")
+            self.log(f"warning: no plot: {err}")
             return None
 
     def publish(self, name):

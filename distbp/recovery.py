@@ -59,7 +59,7 @@ class Recovery:
         wait_s = self.job.cluster.wait_for_nodes_s
         for k in dead_workers:
             self._count(f"worker {k} lost ({first})")
-            self.log(f"worker {k} lost; starting a replacement ({self.replacements} of at most {self.job.cluster.max_failures})")
+            self.log(f"warning: worker {k} lost; starting a replacement ({self.replacements} of at most {self.job.cluster.max_failures})")
             if faults.armed("recovery"):  # a second failure, while this one is being handled
                 from .actors import kill
 
@@ -97,5 +97,5 @@ class Recovery:
             start = Start(ckpt.params, ckpt.opt_state, ckpt.step, ckpt.best_params)
         self.actors.start_servers(start)
         get([ping(s) for s in self.actors.servers])
-        self.log(f"parameter actors restored from step {start.step}; replaying from step {start.step + 1}")
+        self.log(f"warning: parameter actors restored from step {start.step}; replaying from step {start.step + 1}")
         return start.step + 1, True, ckpt

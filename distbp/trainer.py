@@ -13,11 +13,12 @@ from . import cluster, engine, faults, nn, schedule
 from .actors import Actors, Start, recoverable
 from .checks import ensure_data, prepare  # noqa: F401 (prepare: used with setup)
 from .errors import DistbpError
-from .messages import Order
+from .messages import COUNT, Order, figures
 from .model import Model
 from .outputs import RunOutputs, RunResult  # noqa: F401 (RunResult: part of the API)
 from .recovery import Recovery
 from .stopping import EarlyStopping
+from .text import count
 
 class Trainer:
     """One run of a job. `run()` returns a RunResult; errors are DistbpError subclasses.
@@ -67,8 +68,9 @@ class Trainer:
         engine_class = engine.chosen()
         ckpt = outputs.start_checkpoint()
         if ckpt is not None and ckpt.finished:
-            self.log(f"{outputs.out_dir}: run already finished at step {ckpt.step}; nothing to do")
             return RunResult(outputs.where(""), outputs.where("model.npz"), None, ckpt.step, already_finished=True)
+        if ckpt is not None:
+            self.log(f"resuming {outputs.where('')} from the checkpoint of step {ckpt.step}")
         ensure_data(job, self.log)
         prep = prepare(job)
         saved = self._catch_signals()
@@ -86,8 +88,8 @@ class Trainer:
             self.engine = engine_class(self.actors)
             self.recovery = Recovery(job, self.actors, outputs, self._save_applied, self.log)
             self.detail(
-                f"setup: {len(self.workers)} workers, {len(self.servers)} parameter actor(s), {self.actors.n_train} training rows, "
-                f"{prep.spec.num_params} parameters, engine {self.engine.name}"
+                f"setup: {count(len(self.workers), 'worker')}, {count(len(self.servers), 'parameter actor')}, "
+                f"{count(self.actors.n_train, 'training row')}, {count(prep.spec.num_params, 'parameter')}, engine {self.engine.name}"
             )
             result = self._loop(ckpt.step + 1 if ckpt else 1)
         finally:
@@ -126,7 +128,7 @@ class Trainer:
         L, task = self.actors.spec.num_layers, self.job.data.task
         columns = ["step", "loss"] + (["accuracy"] if task == "classification" else []) + ["seconds", "lr"]
         if self.actors.has_val:
-            columns += ["val_loss"] + (["val_accuracy"] if task == "classification" else [])
+            columns += ["val_loss"] + (["val_accuracy"] if task == "classification" else ["val_rmse", "val_r2"])
         return columns + [f"grad_norm_{l}" for l in range(1, L + 1)] + [f"delta_mean_{l}" for l in range(1, L + 1)]
 
     def _order(self, step):
@@ -210,7 +212,7 @@ class Trainer:
                 err = again
 
     def _record(self, order, infos):
-        row = self.outputs.row(order, infos, self.actors.spec, self.actors.bounds, self.job.data.task, self.t0)
+        row = self.outputs.row(order, infos, self.actors.spec, self.actors.bounds, self.job.data.task, self.t0, self.actors.sst)
         self.phases.setdefault("first_step", time.perf_counter() - self.t_loop)
         self.last = (order.step, row)
         self.on_step(row)
@@ -261,14 +263,30 @@ class Trainer:
         """model.npz first, then the checkpoint marked done: a run that --resume calls
         finished always has its model."""
         params, _, best = self.actors.snapshot()
-        self.outputs.write_model(self.model, best if self.stopper is not None and best is not None else params)
+        best_step = self.stopper.step if self.stopper is not None and best is not None else None
+        saved = params if best_step is None else best
+        final = self._final(saved, row)
+        self.outputs.write_model(self.model, saved)
         faults.hit("model_written")
         path = self._checkpoint(step, done=True)
         self.outputs.finish(self.phases)
         return RunResult(
-            self.outputs.where(""), self.outputs.where("model.npz"), path, step, row, resumed_from=self.resumed_from,
+            self.outputs.where(""), self.outputs.where("model.npz"), path, step, final, resumed_from=self.resumed_from,
             replacements=self.replacements, stopped_early=early, engine=self.engine.name, phases=self.phases,
+            last_row={k: row[k] for k in self.outputs.columns if row.get(k) is not None}, best_step=best_step,
         )
+
+    def _final(self, params, row):
+        """The weights model.npz will hold, measured over every training row and every
+        validation row (forward pass only): loss and accuracy, or loss, rmse and r2 for
+        regression, each also as val_*; `seconds` of training. All Python floats."""
+        train, val = self.actors.evaluate(params)
+        task, targets, sst = self.job.data.task, self.actors.spec.layers[-1], self.actors.sst
+        final = figures(train, task, targets, sst.get("train"))
+        if val is not None and val[COUNT]:
+            final.update(figures(val, task, targets, sst.get("val"), prefix="val_"))
+        final["seconds"] = float(row["seconds"])
+        return final
 
 
 class Interrupted(DistbpError):

@@ -129,7 +129,10 @@ class ShardWorker:
         self.raw = {}
         rows = min(p.chunk_rows, max(len(self.sets["train"][0]), 1))
         self.workspace = nn.Workspace(p.spec, rows)
-        return {name: len(x) for name, (x, _) in self.sets.items()}
+        counts = {name: len(x) for name, (x, _) in self.sets.items()}
+        if p.task == "regression":  # for R^2: per target, the sum of y and of y^2 (float64)
+            counts["targets"] = {name: (y.sum(axis=0, dtype=np.float64), np.square(y, dtype=np.float64).sum(axis=0)) for name, (_, y) in self.sets.items()}
+        return counts
 
     def _params(self, weights):
         if len(weights) == 1:
@@ -183,6 +186,17 @@ class ShardWorker:
             loss_sum, correct = nn.evaluate(spec, params, xv, yv, self.plan.chunk_rows)
             val = stats_vector(loss_sum, len(xv), correct, 0.0, np.zeros(spec.num_layers))
         return (*(result.grad[a:b] for a, b in self.slices), Sums(train, val))
+
+    def evaluate(self, *weights):
+        """Sums over all this shard's training rows and its validation rows at `weights`,
+        forward pass only: how the run's closing summary measures the weights it saved."""
+        spec, params = self.plan.spec, self._params(weights)
+        out = []
+        for name in ("train", "val"):
+            x, y = self.sets.get(name, (np.empty((0, spec.layers[0]), spec.np_dtype), None))
+            loss_sum, correct = nn.evaluate(spec, params, x, y, self.plan.chunk_rows) if len(x) else (0.0, 0)
+            out.append(stats_vector(loss_sum, len(x), correct, 0.0, np.zeros(spec.num_layers)))
+        return Sums(*out)
 
     # -- the direct engine ---------------------------------------------------------------
     def connect(self, addresses, secret, timeout_s, same_node):

@@ -1,16 +1,12 @@
 """The real CLI: in-process with CliRunner, and as subprocesses of a real shell run."""
 
-import csv
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 from click.testing import CliRunner
@@ -25,32 +21,6 @@ def distbp(*args, cwd, timeout=180, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the CLI must choose loopback itself
     return subprocess.run([sys.executable, "-m", "distbp", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def test_spirals_end_to_end_as_a_subprocess(tmp_path):
-    shutil.copy(ROOT / "jobs" / "spirals.yaml", tmp_path / "spirals.yaml")
-    run = distbp("run", "spirals.yaml", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    out = tmp_path / "runs" / "spirals"
-    assert {"job.yaml", "metrics.csv", "model.npz"} <= set(os.listdir(out))
-    assert (tmp_path / "data" / "spirals.parquet").exists()  # data.make wrote it, and said so
-    assert "made spirals data" in run.stderr
-    last = list(csv.DictReader(open(out / "metrics.csv")))[-1]
-    assert float(last["accuracy"]) >= 0.95
-    assert run.stdout.startswith("done: 400 steps")
-
-    ev = distbp("eval", str(out / "model.npz"), "data/spirals.parquet", "--json", cwd=tmp_path)
-    assert ev.returncode == 0, ev.stderr
-    report = json.loads(ev.stdout)
-    assert report["rows"] == 3000
-    assert abs(report["accuracy"] - float(last["accuracy"])) <= 0.02
-
-    pr = distbp("predict", str(out / "model.npz"), "data/spirals.parquet", "-o", "pred.csv", cwd=tmp_path)
-    assert pr.returncode == 0, pr.stderr
-    rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
-    assert len(rows) == 3000
-    assert list(rows[0]) == ["prediction", "proba_0", "proba_1", "proba_2"]
-    assert abs(sum(float(rows[0][f"proba_{c}"]) for c in range(3)) - 1) < 1e-5
 
 
 def listening_addresses(root_pid):
@@ -146,18 +116,6 @@ def test_data_make_writes_each_format(tmp_path):
 
         source = data.open_source(str(out))
         assert source.num_rows == 50 and source.columns == [f"x{i}" for i in range(6)] + ["label"]
-
-
-def test_tiny_job_runs_as_the_readme_shows_it_and_names_its_engine_and_phases(tmp_path):
-    shutil.copy(ROOT / "jobs" / "tiny.yaml", tmp_path / "tiny.yaml")
-    run = distbp("run", "tiny.yaml", "--verbose", cwd=tmp_path)  # stderr piped, no --quiet
-    assert run.returncode == 0, run.stderr
-    assert "setup: 2 workers, 1 parameter actor(s), 256 training rows, 337 parameters, engine direct" in run.stderr
-    phases = next(line for line in run.stderr.splitlines() if line.startswith("phases: "))
-    for name in ("imports", "ray_start", "actor_start", "data_read", "first_step", "plot", "shutdown"):
-        assert f"{name} " in phases, phases
-    assert run.stdout.startswith("done: 2000 steps")
-    assert not any(p.name.startswith("distbp-") for p in Path("/dev/shm").glob("*"))
 
 
 def test_an_epochs_job_runs_with_its_progress_bar(ray_session, make_job):

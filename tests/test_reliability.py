@@ -67,6 +67,16 @@ def test_killed_parameter_actor_is_restored_from_checkpoint(baseline, tmp_path):
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 31))  # replayed steps not doubled
 
 
+def test_losing_one_of_two_parameter_actors_restores_both_and_keeps_the_bits(baseline, tmp_path):
+    job, want = baseline  # one parameter actor; two give the same bits (test_trainer)
+    out = tmp_path / "two"
+    report = on_cluster(job, out, "--kill-server-at", "15", "--set", "cluster.parameter_servers=2")
+    assert report["killed"] == [["server", 0]] and report["replacements"] == 1
+    assert same_weights(report["model"], want)
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 31))
+
+
 def test_too_many_failures_stop_with_a_clear_message(baseline, tmp_path):
     job, _ = baseline
     env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent)}

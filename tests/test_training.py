@@ -128,6 +128,12 @@ def test_early_stopping_keeps_the_best_validation_weights(ray_session, make_job,
     loss_sum, _ = nn.evaluate(model.spec, model.params, model.standardized(x), y)
     assert loss_sum / len(y) == pytest.approx(float(best["val_loss"]), rel=1e-9)
     assert loss_sum / len(y) < float(got[-1]["val_loss"])  # not the last weights
+    # the closing summary measures those saved weights, and says which they are
+    assert result.best_step == int(best["step"]) and result.final["val_loss"] == float(best["val_loss"])
+    from distbp.cli import closing_line
+
+    assert "(early stop) in " in closing_line(result)
+    assert f"model.npz holds the best validation weights, evaluated at step {best['step']}: " in closing_line(result)
 
 
 def test_plot_command_writes_a_png(ray_session, make_job):
@@ -143,7 +149,7 @@ def test_plot_command_writes_a_png(ray_session, make_job):
 def test_python_api_train_and_load_model(ray_session, make_job):
     result = distbp.train(str(make_job(rows=150, name="api")), train__steps=30, cluster__workers=1)
     assert result.metrics.num_rows == 30 and "loss" in result.metrics.column_names
-    assert result.final["step"] == 30 and os.path.exists(result.checkpoint_path)
+    assert result.last_row["step"] == 30 and os.path.exists(result.checkpoint_path)
     model = distbp.load_model(result.model_path)
     source = data.open_source(load(make_job(rows=150, name="api")).data_path())
     x = data.features_to_numpy(source.read_rows(0, 150), ["x0", "x1"], np.float64)

@@ -1,0 +1,147 @@
+"""What `distbp run` shows while it trains.
+
+- On a terminal: a tqdm bar with the step, loss, validation figures, steps/s and ETA; log
+  lines print above it. After --resume it starts at the step resumed from; a step replayed
+  after a recovery moves nothing.
+- Anywhere else (a pipe, a log file, `ray job logs`): one plain line,
+  `step N/TOTAL loss ... steps/s ... ETA ...`, every 10% of the steps or every 10 s, whichever
+  comes first, and at the end.
+- quiet: neither, and no status lines; warnings and errors always print.
+
+Steps/s and the ETA are measured over the steps this process ran (not those resumed from),
+from its first step's row on, with the time each step was applied (the rows' `seconds`), so
+neither the start-up, a resume, nor rows arriving a window at a time skews them.
+"""
+
+import math
+import sys
+import time
+
+EVERY_S = 10.0  # off a terminal: a line at least this often
+EVERY_FRACTION = 0.1  # ... and at every tenth of the steps
+
+
+def is_warning(message):
+    return message.startswith(("warning:", "error:"))
+
+
+def clock(seconds):
+    """H:MM:SS."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+NAMES = ("loss", "accuracy", "val_loss", "val_accuracy", "val_rmse", "val_r2")
+SHORT = {"accuracy": "acc", "val_accuracy": "val_acc"}  # on the bar, where width is short
+
+
+def figures(row, short=False):
+    """The row's loss and validation figures, as `name value` pairs."""
+    return " ".join(f"{SHORT.get(k, k) if short else k} {row[k]:.4f}" for k in NAMES if row.get(k) is not None)
+
+
+class Progress:
+    """Called with every metrics row (`step`) and every log line (`log`); `close` at the end."""
+
+    def __init__(self, stream=None, quiet=False, terminal=None, every_s=EVERY_S, now=time.monotonic):
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.terminal = self.stream.isatty() if terminal is None else terminal
+        self.every_s, self.now = every_s, now
+        self.bar = None
+        self.total = self.done = None  # steps in the run; the last step shown
+        self.first = None  # (the step before this process's first row, when it arrived)
+        self.row = None
+        self.printed = None  # the step of the last plain line
+
+    # -- log lines --------------------------------------------------------------------------
+    def log(self, message):
+        """A status line (dropped when quiet) or a warning (always), above the bar."""
+        if self.quiet and not is_warning(message):
+            return
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    # -- steps ------------------------------------------------------------------------------
+    def start(self, total, done, steps_per_epoch=None):
+        """The run has `total` steps, `done` of them before this process started (--resume)."""
+        self.total, self.done, self.steps_per_epoch = total, done, steps_per_epoch
+        self.first = None
+        self.last_line = self.now()
+        self.next_mark = self._mark_after(done)
+        if self.quiet or not self.terminal:
+            return
+        from tqdm import tqdm
+
+        # smoothing=0: steps/s over the whole of this process's run, not a moving average of
+        # the gaps between rows (which come in bursts: a window of steps at a time)
+        import shutil
+
+        sized = shutil.get_terminal_size((0, 0)).columns > 0  # some terminals (script, CI runners) give no size
+        self.bar = tqdm(
+            total=total, initial=done, file=self.stream, leave=True,
+            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
+            bar_format="step {n_fmt}/{total_fmt} |{bar}| {desc}",  # desc: the figures, steps/s and ETA
+        )
+
+    def _mark_after(self, step):
+        """The next step at a tenth of the run, after `step`."""
+        tenth = self.total * EVERY_FRACTION
+        return min(self.total, math.floor(step / tenth + 1e-9) * tenth + tenth) if self.total else 0
+
+    def step(self, row):
+        step = row["step"]
+        if self.done is not None and step <= self.done:
+            return  # a step replayed after a recovery: shown already
+        if not any(k.startswith("val_") for k in row):  # between evaluations: the last figures
+            row = {**row, **{k: v for k, v in (self.row or {}).items() if k.startswith("val_")}}
+        self.row, self.done = row, step
+        if self.first is None:  # steps/s from here: the steps before it include the start-up
+            self.first = (step, self._at(row))
+        if self.bar is not None:
+            self.bar.set_description_str(self._bar_detail(), refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif not self.quiet and not self.terminal:
+            now = self.now()
+            if step >= self.next_mark or now - self.last_line >= self.every_s or step == self.total:
+                self._line(now)
+
+    def _at(self, row):
+        """When the row's step was applied: its `seconds` (rows arrive a window at a time)."""
+        return row.get("seconds", self.now())
+
+    def _rate(self, now=None):
+        steps, elapsed = self.done - self.first[0], self._at(self.row) - self.first[1]
+        return steps / elapsed if steps > 0 and elapsed > 0 else None
+
+    def _epoch(self):
+        if not self.steps_per_epoch:
+            return ""
+        epochs = math.ceil(self.total / self.steps_per_epoch)
+        return f"epoch {min(epochs, math.ceil(self.done / self.steps_per_epoch))}/{epochs}"
+
+    def _speed(self):
+        rate = self._rate()
+        return f"{rate:.1f} steps/s ETA {clock((self.total - self.done) / rate)}" if rate else "-- steps/s ETA --"
+
+    def _detail(self):
+        """A plain line's words after `step N/TOTAL`: figures, epoch, steps/s and ETA."""
+        return " ".join(p for p in (figures(self.row), self._epoch(), self._speed()) if p)
+
+    def _bar_detail(self):
+        """On the bar, steps/s and ETA come first: a narrow terminal cuts the end of the line."""
+        return " ".join(p for p in (self._speed(), self._epoch(), figures(self.row, short=True)) if p)
+
+    def _line(self, now):
+        print(f"step {self.done}/{self.total} {self._detail()}", file=self.stream, flush=True)
+        self.last_line, self.printed = now, self.done
+        self.next_mark = self._mark_after(self.done)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.row is not None and not self.quiet and not self.terminal and self.printed != self.done:
+            self._line(self.now())  # where the run ended: early stopping, a signal, a failure
