@@ -223,6 +223,19 @@ def predict(model_path, data_path, out_path):
 
 
 @main.command()
+@click.argument("model_path", metavar="MODEL")
+@click.option("-o", "--out", "out_path", required=True, help="The .onnx file to write.")
+@one_line_errors
+def export(model_path, out_path):
+    """Write MODEL as ONNX: input X (rows, features); outputs label and probabilities, or predictions."""
+    from .export import export as write_onnx
+
+    model = write_onnx(model_path, out_path)
+    outputs = "predictions" if model.task == "regression" else "label, probabilities"
+    click.echo(f"wrote {out_path}: input X ({count(model.spec.layers[0], 'feature')}, {model.spec.dtype}), outputs {outputs}")
+
+
+@main.command()
 @click.argument("job_file", metavar="[JOB]", required=False)
 @click.option("--workload", "workloads", type=click.Choice(list(WORKLOADS)), multiple=True, help="teacher (default), tiny, wide or batch512; repeat for several.")
 @click.option("--max-workers", type=int, default=2, show_default=True, help="Time 1..N workers, 1 BLAS thread each.")
