@@ -330,6 +330,7 @@ class ClusterCfg:
 @dataclass(frozen=True)
 class OutputCfg:
     dir: str | None = _opt_text()
+    plot: bool = _flag(True)
 
 
 _SECTIONS = dict(data=DataCfg, model=ModelCfg, train=TrainCfg, cluster=ClusterCfg, output=OutputCfg)

@@ -194,7 +194,9 @@ class RunOutputs:
         return self.plot_path
 
     def _plot(self):
-        """plot.png of the run's curves, when matplotlib is installed."""
+        """plot.png of the run's curves (unless output.plot is false)."""
+        if not self.job.output.plot:
+            return None
         from .plot import plot_run
 
         try:

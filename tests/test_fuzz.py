@@ -276,6 +276,7 @@ SCHEMA_BAD = {
     "cluster.wait_for_nodes_s": bad_number(ge=0),
     "output": not_a_mapping(),
     "output.dir": NOT_A_STRING,
+    "output.plot": st.one_of(st.integers(), WORDS, NULL, CONTAINERS, st.floats(allow_nan=False)),
 }
 
 
