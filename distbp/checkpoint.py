@@ -24,6 +24,9 @@ def atomic_savez(path, arrays):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would make it: mkstemp's 0600 hides the model from the group
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()

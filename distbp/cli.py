@@ -277,7 +277,7 @@ def data_group():
 
 @data_group.command("make")
 @click.argument("kind", type=click.Choice(list(KINDS)))
-@click.option("--rows", type=int, help="Rows to generate (not for digits).")
+@click.option("--rows", type=int, help="Rows to generate (required; not for digits, which has 1,797).")
 @click.option("-o", "--out", "out_path", required=True, help="Output file: .parquet, .csv or .feather.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--classes", type=int, help="Classes (spirals, blobs).")
@@ -288,6 +288,8 @@ def data_make(kind, rows, out_path, seed, classes, features, layers):
     """Generate the data set KIND into a file."""
     from . import data
 
+    if rows is None and kind != "digits":
+        raise UsageError(f"--rows: data make {kind} needs the number of rows to make, such as --rows 1000")
     options = {"classes": classes, "features": features}
     if layers:
         try:

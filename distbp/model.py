@@ -97,8 +97,16 @@ def load_model(path):
     import zipfile
 
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"PK\x03\x04" and not magic.startswith(b"\x93NUM"):
+            raise UsageError(f"{path}: not a distbp model.npz (not an npz file)")
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+    except UsageError:
+        raise
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a folder, not a model.npz") from None
     except FileNotFoundError:
         raise UsageError(f"{path}: no such model file") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:

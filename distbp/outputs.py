@@ -90,12 +90,38 @@ class RunOutputs:
             raise UsageError(f"{self.out_dir}: --resume found no checkpoint to continue from")
         if ckpt.job_hash != job_hash(self.job):
             raise UsageError(
-                f"{self.out_dir}: the checkpoint of step {ckpt.step} belongs to a different job",
-                hint="only cluster.* and output.* may change on --resume; use --force to start over",
+                f"{self.out_dir}: the checkpoint of step {ckpt.step} belongs to a different job{self._differences()}",
+                hint="only cluster.* and output.* may change on --resume, so repeat the run's --set values; use --force to start over",
             )
         if ckpt.workers and ckpt.workers != self.job.cluster.workers:
             self.log(f"warning: resuming with {count(self.job.cluster.workers, 'worker')} instead of {ckpt.workers}: results will differ within float tolerance")
         return ckpt
+
+    def _differences(self):
+        """': train.steps is 500 here, 20000 in the run (--set train.steps=20000)', read from the
+        run's job.yaml; empty when there is none or nothing shows."""
+        import yaml
+
+        try:
+            with open(os.path.join(self.out_dir, "job.yaml")) as f:
+                theirs = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            return ""
+        ours = job_to_dict(self.job, resolve_paths=True)
+
+        def flat(d, prefix=""):
+            out = {}
+            for k, v in (d or {}).items() if isinstance(d, dict) else ():
+                key = f"{prefix}{k}"
+                out.update(flat(v, key + ".") if isinstance(v, dict) and v else {key: v})
+            return out
+
+        mine, run = flat(ours), flat(theirs)
+        keys = [k for k in sorted(set(mine) | set(run)) if k.split(".")[0] not in ("name", "cluster", "output") and mine.get(k) != run.get(k)]
+        if not keys:
+            return ""
+        shown = "; ".join(f"{k} is {mine.get(k)!r} here, {run.get(k)!r} in the run (--set {k}={run.get(k)})" for k in keys[:3])
+        return f": {shown}"
 
     def begin(self, columns, keep_until_step):
         """The run folder changes from here: clear it for --force, write job.yaml, open metrics.csv."""

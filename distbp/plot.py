@@ -68,6 +68,8 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     except ImportError:
         raise UsageError("matplotlib is not installed", hint="distbp needs it for plots: pip install 'matplotlib>=3.7,<4'") from None
     run_dir = os.fspath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir}: no such run folder")
     out_path = os.fspath(out_path) if out_path is not None else os.path.join(run_dir, "plot.png")
     if os.path.isdir(out_path):
         raise UsageError(f"-o {out_path}: is a folder", hint="give a file name, such as curves.png")

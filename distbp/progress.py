@@ -32,12 +32,15 @@ def clock(seconds):
 
 
 NAMES = ("loss", "accuracy", "val_loss", "val_accuracy", "val_rmse", "val_r2")
+BAR_NAMES = ("val_loss", "val_accuracy", "val_rmse", "val_r2", "loss", "accuracy")  # what a narrow terminal cuts last
 SHORT = {"accuracy": "acc", "val_accuracy": "val_acc"}  # on the bar, where width is short
 
 
 def figures(row, short=False):
-    """The row's loss and validation figures, as `name value` pairs."""
-    return " ".join(f"{SHORT.get(k, k) if short else k} {row[k]:.4f}" for k in NAMES if row.get(k) is not None)
+    """The row's loss and validation figures, as `name value` pairs (on the bar, `short`: the
+    validation figures first, and shorter names)."""
+    names = BAR_NAMES if short else NAMES
+    return " ".join(f"{SHORT.get(k, k) if short else k} {row[k]:.4f}" for k in names if row.get(k) is not None)
 
 
 class Progress:
@@ -83,7 +86,7 @@ class Progress:
         self.bar = tqdm(
             total=total, initial=done, file=self.stream, leave=True,
             dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
-            bar_format="step {n_fmt}/{total_fmt} |{bar}| {desc}",  # desc: the figures, steps/s and ETA
+            bar_format="step {n_fmt}/{total_fmt} |{bar:12}| {desc}",  # desc: steps/s, ETA, epoch and the figures
         )
 
     def _mark_after(self, step):

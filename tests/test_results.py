@@ -159,3 +159,37 @@ def test_python_api_errors_name_the_api_s_own_arguments(ray_session, make_job):
     assert "already holds a run" in text and "resume=True" in text and "force=True" in text and "output__dir=" in text
     assert "--" not in text
     assert distbp.train(job, resume=True).already_finished
+
+
+def test_resume_names_the_set_values_the_run_was_started_with(ray_session, make_job, tmp_path, monkeypatch):
+    job = make_job(name="rs", rows=120, train={"steps": 9, "checkpoint_every": 3})
+    faults._fired.clear()
+    monkeypatch.setenv(faults.ENV, "checkpoint_write@6")
+    assert CliRunner().invoke(main, ["run", str(job), "--set", "train.steps=12", "--quiet"]).exit_code == 1
+    monkeypatch.delenv(faults.ENV)
+    refused = CliRunner().invoke(main, ["run", str(job), "--resume"])
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert "train.steps is 9 here, 12 in the run (--set train.steps=12)" in refused.output
+    resumed = CliRunner().invoke(main, ["run", str(job), "--resume", "--set", "train.steps=12"])
+    assert resumed.exit_code == 0 and "resuming " in resumed.output and "from the checkpoint of step 3" in resumed.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["data", "make", "xor", "-o", "x.csv"], "--rows: data make xor needs the number of rows"),
+    (["plot", "nothere"], "nothere: no such run folder"),
+    (["eval", "notes.txt", "d.csv"], "notes.txt: not a distbp model.npz (not an npz file)"),
+    (["eval", "model.npz", "missing.parquet"], "missing.parquet"),
+])
+def test_small_mistakes_get_a_line_that_names_what_was_given(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    from distbp import nn
+    from distbp.model import Model
+
+    spec = nn.Spec([2, 3], (), "softmax", "cross_entropy", "xavier", "float32")
+    Model(spec, nn.init_params(spec, np.random.default_rng(0)), "classification", ["x0", "x1"], ["label"], [0, 1, 2]).save(str(tmp_path / "model.npz"))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and needle in result.output, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "data.path" not in lines[0] and "pickle" not in lines[0]
+    assert not (tmp_path / "x.csv").exists()
