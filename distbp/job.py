@@ -331,6 +331,7 @@ class ClusterCfg:
 class OutputCfg:
     dir: str | None = _opt_text()
     plot: bool = _flag(True)
+    tensorboard: bool = _flag(False)
 
 
 _SECTIONS = dict(data=DataCfg, model=ModelCfg, train=TrainCfg, cluster=ClusterCfg, output=OutputCfg)

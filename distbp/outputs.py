@@ -72,6 +72,12 @@ class RunOutputs:
             self.out_dir = tempfile.mkdtemp(prefix="distbp-run-")
         self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
         self.metrics = None
+        self.tb = None  # output.tensorboard: a tensorboardX SummaryWriter on tb/
+        if job.output.tensorboard:
+            try:
+                import tensorboardX  # noqa: F401 (now, before anything is written)
+            except ImportError:
+                raise UsageError("output.tensorboard: needs the tensorboardX package", hint="pip install 'distbp[tensorboard]'") from None
 
     # -- before the run ---------------------------------------------------------------------
     def start_checkpoint(self):
@@ -139,7 +145,26 @@ class RunOutputs:
         if self.metrics is not None:
             self.metrics.close()
         self.metrics = rundir.MetricsWriter(os.path.join(self.out_dir, "metrics.csv"), self.columns, keep_until_step)
+        if self.job.output.tensorboard:
+            self._open_tensorboard(keep_until_step)
         return self.metrics.last_seconds
+
+    def _open_tensorboard(self, keep_until_step):
+        """tb/ event files, flushed every few seconds so TensorBoard shows the run live. When
+        steps after `keep_until_step` are to be written again (--resume, a replay), the new
+        file starts with tensorboardX's purge_step: TensorBoard drops every earlier point from
+        that step on, so no point is shown twice or stale."""
+        from tensorboardX import SummaryWriter
+
+        if self.tb is not None:
+            self.tb.close()
+        purge = None if keep_until_step is None else keep_until_step + 1
+        self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=purge, flush_secs=5)
+
+    def _scalars(self, row):
+        for name in self.columns:
+            if name not in ("step", "seconds") and row.get(name) is not None:
+                self.tb.add_scalar(name, row[name], row["step"])
 
     # -- during the run ---------------------------------------------------------------------
     def row(self, order, infos, spec, bounds, task, t0, sst=None):
@@ -158,6 +183,8 @@ class RunOutputs:
                 row[f"grad_norm_{l + 1}"] = float(norms[l])
                 row[f"delta_mean_{l + 1}"] = float(train[DELTAS + l] / (n * spec.layers[l + 1]))
         self.metrics.write(row)
+        if self.tb is not None:
+            self._scalars(row)
         return row
 
     def checkpoint(self, step, params, opt_state, best, done):
@@ -173,8 +200,11 @@ class RunOutputs:
                 f"cannot write the checkpoint of step {step} to {self.ckpt_dir}: {err.strerror or err}",
                 hint="the checkpoints written before are kept; free the space or fix the folder, then continue with --resume",
             ) from None
+        if self.tb is not None:
+            self.tb.flush()
         if self.remote:
             self.publish("metrics.csv")
+            self.publish_tensorboard()
             self.remote.put_checkpoint(path, set(os.listdir(self.ckpt_dir)))
             return f"{self.remote.uri}/checkpoints/{os.path.basename(path)}"
         return path
@@ -199,6 +229,10 @@ class RunOutputs:
         import threading
 
         self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+            self.publish_tensorboard()
         for name in ("model.npz", "metrics.csv"):
             self.publish(name)
 
@@ -238,12 +272,21 @@ class RunOutputs:
                 self.metrics.file.flush()
             self.remote.put(os.path.join(self.out_dir, name), name)
 
+    def publish_tensorboard(self):
+        """Upload the tb/ event files when the run folder is a URI."""
+        folder = os.path.join(self.out_dir, "tb")
+        if self.remote and os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                self.remote.put(os.path.join(folder, name), f"tb/{name}")
+
     def where(self, name):
         """Where a run-folder file lives for the user: the URI, or the local path."""
         return f"{self.remote.uri}/{name}" if self.remote else os.path.join(self.out_dir, name)
 
     def close(self):
         self.plot_done()
+        if self.tb is not None:
+            self.tb.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.remote:  # everything worth keeping has been uploaded

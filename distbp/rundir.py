@@ -9,7 +9,7 @@ import yaml
 from . import faults
 from .errors import UsageError
 
-RUN_FILES = ("job.yaml", "metrics.csv", "model.npz", "checkpoints", "plot.png")
+RUN_FILES = ("job.yaml", "metrics.csv", "model.npz", "checkpoints", "plot.png", "tb")
 
 
 def holds_run(out_dir):

@@ -277,6 +277,7 @@ SCHEMA_BAD = {
     "output": not_a_mapping(),
     "output.dir": NOT_A_STRING,
     "output.plot": st.one_of(st.integers(), WORDS, NULL, CONTAINERS, st.floats(allow_nan=False)),
+    "output.tensorboard": st.one_of(st.integers(), WORDS, NULL, CONTAINERS, st.floats(allow_nan=False)),
 }
 
 
