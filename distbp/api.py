@@ -44,14 +44,22 @@ def dry_run(job):
     return prepare(job)
 
 
-def train(job_or_path, log=None, on_step=None, resume=False, force=False, **overrides):
+def train(job_or_path, log=None, on_step=None, resume=False, force=False, ray_dataset=None, **overrides):
     """Train a job (a path, dict or Job). Keyword overrides use `__` for dots, e.g.
-    `train(job, train__steps=100, cluster__workers=1)`. Returns the RunResult."""
+    `train(job, train__steps=100, cluster__workers=1)`. `ray_dataset`, a ray.data.Dataset,
+    replaces data.path (Ray must be running: the Dataset lives in it). Returns the RunResult."""
     from .trainer import Trainer
 
     sets = [f"{k.replace('__', '.')}={_yaml_scalar(v)}" for k, v in overrides.items()]
     try:
-        return Trainer(load(job_or_path, sets), resume=resume, force=force, log=log, on_step=on_step).run()
+        job, source, keep = load(job_or_path, sets), None, None
+        if ray_dataset is not None:
+            from .raydata import block_source
+
+            source, keep = block_source(ray_dataset)
+        result = Trainer(job, resume=resume, force=force, log=log, on_step=on_step, source=source).run()
+        del keep  # the Dataset's blocks are no longer needed
+        return result
     except DistbpError as err:  # the way out, in this API's words rather than the command's
         err.message, err.hint = _in_api_words(err.message), _in_api_words(err.hint)
         raise

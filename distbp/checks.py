@@ -37,8 +37,11 @@ def ensure_data(job, log):
         log(f"made {job.data.make['kind']} data: {count(table.num_rows, 'row')} -> {path}")
 
 
-def prepare(job):
-    """Check the job against the data's schema: columns, types and the input width."""
+def prepare(job, source=None):
+    """Check the job against the data's schema: columns, types and the input width. `source`
+    replaces data.path (a ray.data.Dataset's BlockSource)."""
+    if source is not None:
+        return _check_source(job, source)
     if not job.data_path():
         raise job_error(job, "data.path", "no data file given")
     return _check_source(job, data.open_source(job.data_path(), job.data.format))
@@ -72,7 +75,7 @@ def spec_of(job):
 def merge_summaries(job, prep, summaries):
     """Turn the workers' shard summaries into classes and standardisation statistics."""
     columns = prep.features + (prep.labels if job.data.task == "regression" else [])
-    for origin, path in (("data", job.data_path()), ("validation", job.validation_path())):
+    for origin, path in (("data", prep.source.path), ("validation", job.validation_path())):
         counts = sum(s["nonfinite"].get(origin, 0) for s in summaries)
         if job.data.on_nan == "error" and np.any(counts):
             bad = [f"'{c}' ({n})" for c, n in zip(columns, counts) if n]

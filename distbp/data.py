@@ -427,7 +427,7 @@ def _label_type_ok(t: pa.DataType) -> bool:
 def select_columns(source_or_schema, features: list[str] | None, labels, task: str):
     """(feature_names, label_names) after checking they exist and have usable types.
     `features=None` takes every column except the label(s)."""
-    if isinstance(source_or_schema, TableSource):
+    if not isinstance(source_or_schema, pa.Schema):  # a TableSource, or a Dataset's BlockSource
         schema, where = source_or_schema.schema, source_or_schema.path
     else:
         schema, where = source_or_schema, "the data"

@@ -24,7 +24,7 @@ class Trainer:
     """One run of a job. `run()` returns a RunResult; errors are DistbpError subclasses.
     `log` gets warnings and notices; `detail` gets the set-up and phase lines (--verbose)."""
 
-    def __init__(self, job, resume=False, force=False, log=None, on_step=None, detail=None, signals=False):
+    def __init__(self, job, resume=False, force=False, log=None, on_step=None, detail=None, signals=False, source=None):
         self.job = job
         self.log = log or (lambda msg: None)
         self.detail = detail or (lambda msg: None)
@@ -32,6 +32,7 @@ class Trainer:
         self.outputs = RunOutputs(job, resume, force, self.log)
         self.stop_requested = None  # a signal number: checkpoint after the current step and stop
         self.signals = signals  # catch SIGINT and SIGTERM (the command line does; main thread only)
+        self.source = source  # rows from elsewhere than data.path: a ray.data.Dataset's BlockSource
         self.last = (0, None)  # the last step recorded, and its row
         self.actors = self.engine = self.recovery = None
         self.phases = {}  # seconds: imports, ray_start, actor_start, data_read, first_step, plot, shutdown
@@ -71,8 +72,9 @@ class Trainer:
             return RunResult(outputs.where(""), outputs.where("model.npz"), None, ckpt.step, already_finished=True)
         if ckpt is not None:
             self.log(f"resuming {outputs.where('')} from the checkpoint of step {ckpt.step}")
-        ensure_data(job, self.log)
-        prep = prepare(job)
+        if self.source is None:
+            ensure_data(job, self.log)
+        prep = prepare(job, self.source)
         saved = self._catch_signals()
         try:
             started = cluster.connect(job.cluster.address, job.cluster.workers * job.cluster.cpus_per_worker, job.cluster.connect_timeout_s, self.phases)

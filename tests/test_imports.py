@@ -17,7 +17,7 @@ ALLOWED = {
     "workers": {"ray", "pyarrow"}, "server": {"ray"},
     "bench": {"ray", "pyarrow"},
     "data": {"pyarrow"}, "datasets": {"pyarrow"}, "rundir": {"pyarrow"}, "outputs": {"pyarrow"},
-    "api": {"pyarrow"}, "checks": {"pyarrow"},
+    "api": {"pyarrow"}, "checks": {"pyarrow"}, "raydata": {"ray", "pyarrow"}, "sklearn": {"pyarrow"},
 }
 RUNTIME = {  # what a fresh interpreter must not have loaded after importing the module
     "distbp.nn": HEAVY, "distbp.activations": HEAVY, "distbp.losses": HEAVY, "distbp.optim": HEAVY,
