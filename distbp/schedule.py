@@ -47,14 +47,20 @@ SCHEDULES = {"constant": _constant, "step": _step, "cosine": _cosine}
 
 
 def learning_rate(step: int, base_lr: float, schedule, total_steps: int | None = None) -> float:
-    """The learning rate applied at optimizer step `step` (1-based); never negative."""
+    """The learning rate applied at optimizer step `step` (1-based); never negative. Rounded
+    to 15 significant digits, below the rounding error of the formulas themselves, so that
+    the rate applied and logged is 0.00015 for 0.003 * 1 / 20, not 0.00015000000000000001."""
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
     if schedule is None:
         return float(base_lr)
     warmup = schedule.warmup_steps
     if step <= warmup:
-        return base_lr * step / warmup
+        return _round(base_lr * step / warmup)
     if schedule.name not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule.name!r}; expected one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[schedule.name](base_lr, step - warmup - 1, schedule, total_steps)
+    return _round(SCHEDULES[schedule.name](base_lr, step - warmup - 1, schedule, total_steps))
+
+
+def _round(lr):
+    return float(f"{lr:.15g}")

@@ -120,3 +120,9 @@ def test_imports_no_ray_numpy_or_click():
             "print([m for m in ('ray', 'click', 'numpy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_warm_up_rates_are_the_decimal_a_user_expects():
+    sched = ScheduleCfg(name="cosine", warmup_steps=20)
+    got = [repr(learning_rate(s, 0.003, sched, 920)) for s in (1, 2, 3, 4, 7)]
+    assert got == ["0.00015", "0.0003", "0.00045", "0.0006", "0.00105"]
