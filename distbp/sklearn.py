@@ -134,7 +134,7 @@ class _MLP(BaseEstimator):
     def _raw(self, X):
         check_is_fitted(self, "model_")
         X = validate_data(self, _as_array(X), reset=False, dtype=np.float64)
-        return self.model_.predict_proba(X)
+        return self.model_.predict_proba(X).astype(np.float64)  # float64, as scikit-learn returns (same values)
 
 
 class MLPClassifier(ClassifierMixin, _MLP):
