@@ -3,7 +3,8 @@ prints a JSON report; the failure and scale-out tests start it as a subprocess, 
 process holds one Ray at a time and the test session already has its own.
 
     python cluster_driver.py JOB_PATH OUT_DIR [--nodes N] [--kill-worker-at STEP]
-        [--kill-server-at STEP] [--remove-node-at STEP] [--set key=value ...] [--cli]
+        [--kill-server-at STEP] [--remove-node-at STEP] [--stall-worker-at STEP [--stall-seconds S]]
+        [--set key=value ...] [--cli]
 
 With --cli the job runs through the real command, `distbp run JOB --address <cluster>`, in a
 subprocess that joins the cluster like any user's driver; the report then gives the nodes of the
@@ -47,6 +48,8 @@ def main():
     ap.add_argument("--kill-worker-at", type=int)
     ap.add_argument("--kill-server-at", type=int)
     ap.add_argument("--remove-node-at", type=int)
+    ap.add_argument("--stall-worker-at", type=int, help="SIGSTOP worker 1's process at this step ...")
+    ap.add_argument("--stall-seconds", type=float, default=8.0, help="... and SIGCONT it this much later")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--cli", action="store_true")
     args = ap.parse_args()
@@ -78,6 +81,14 @@ def main():
         fired.add(step)
         if step in (args.kill_worker_at, args.kill_server_at, args.remove_node_at):
             report["killed_at"] = time.monotonic()
+        if step == args.stall_worker_at:
+            import threading
+
+            pid = ray.get(trainer.workers[1].where.remote())["pid"]
+            os.kill(pid, signal.SIGSTOP)
+            threading.Timer(args.stall_seconds, os.kill, (pid, signal.SIGCONT)).start()
+            report["stalled"] = [pid, args.stall_seconds]
+            report["stalled_at"] = time.monotonic()
         if step == args.kill_worker_at:
             where = ray.get(trainer.workers[1].where.remote())
             os.kill(where["pid"], signal.SIGKILL)
@@ -106,6 +117,8 @@ def main():
     trainer.on_step = on_step
     result = trainer.run()
     report.pop("killed_at", None)
+    if "stalled_at" in report:
+        report["run_after_stall_sec"] = time.monotonic() - report.pop("stalled_at")
     report.update(model=result.model_path, replacements=result.replacements, steps=result.steps)
     print(json.dumps(report))
     ray.shutdown()

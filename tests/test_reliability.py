@@ -77,6 +77,14 @@ def test_losing_one_of_two_parameter_actors_restores_both_and_keeps_the_bits(bas
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 31))
 
 
+def test_a_stalled_worker_is_waited_for_not_taken_for_dead(baseline, tmp_path):
+    job, want = baseline
+    report = on_cluster(job, tmp_path / "stall", "--stall-worker-at", "12", "--stall-seconds", "8")
+    assert report["stalled"][1] == 8 and report["run_after_stall_sec"] >= 8  # the run really waited for it
+    assert report["replacements"] == 0 and report["killed"] == []
+    assert same_weights(report["model"], want)
+
+
 def test_too_many_failures_stop_with_a_clear_message(baseline, tmp_path):
     job, _ = baseline
     env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent)}
