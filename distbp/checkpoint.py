@@ -20,15 +20,21 @@ _NAME = re.compile(r"^step-(\d{9})\.npz$")
 
 def atomic_savez(path, arrays):
     """np.savez to `path` through a temporary file + fsync + rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def atomic_write(path, write):
+    """`write(binary file)` into a temporary file in `path`'s folder, fsync, then rename it
+    over `path`: a reader sees the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would make it: mkstemp's 0600 hides the model from the group
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would make it: mkstemp's 0600 hides the file from the group
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -167,6 +167,18 @@ def _csv_reader(stream, schema: pa.Schema | None, columns: list[str] | None = No
 
 # ---------------------------------------------------------------- the table source
 
+def read_plan(source, start, stop, columns):
+    """(columns, their schema) of a read of rows [start, stop) from `source` (a TableSource,
+    or anything with num_rows, columns, schema and path), after checking both."""
+    if not 0 <= start <= stop <= source.num_rows:
+        raise ValueError(f"rows [{start}, {stop}) outside [0, {source.num_rows})")
+    columns = source.columns if columns is None else list(columns)
+    missing = [c for c in columns if c not in source.schema.names]
+    if missing:
+        raise DataError(f"data.features: column {missing[0]!r} not found in {source.path}")
+    return columns, pa.schema([source.schema.field(c) for c in columns])
+
+
 @dataclass(frozen=True)
 class TableSource:
     """A table spread over one or more files, described by metadata only. Picklable; holds no
@@ -190,13 +202,7 @@ class TableSource:
     def read_rows(self, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
         """Rows [start, stop) of the files laid end to end, reading only the files, Parquet
         row groups and Feather batches that overlap; a CSV file is streamed up to `stop`."""
-        if not 0 <= start <= stop <= self.num_rows:
-            raise ValueError(f"rows [{start}, {stop}) outside [0, {self.num_rows})")
-        columns = self.columns if columns is None else list(columns)
-        missing = [c for c in columns if c not in self.schema.names]
-        if missing:
-            raise DataError(f"data.features: column {missing[0]!r} not found in {self.path}")
-        target = pa.schema([self.schema.field(c) for c in columns])
+        columns, target = read_plan(self, start, stop, columns)
         pieces = []
         first = 0  # global index of this file's first row
         for i, (file, rows) in enumerate(zip(self.files, self.file_rows)):

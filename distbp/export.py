@@ -102,8 +102,8 @@ def to_onnx(model):
 def export(model_path, out_path):
     """Write the ONNX file of a model.npz (atomically); returns the Model."""
     import os
-    import tempfile
 
+    from .checkpoint import atomic_write
     from .model import load_model
 
     model = load_model(model_path)
@@ -113,13 +113,5 @@ def export(model_path, out_path):
     if os.path.isdir(out_path) or not os.path.isdir(folder):
         raise UsageError(f"-o {out_path}: cannot write a file there", hint="give a file name in an existing folder")
     blob = to_onnx(model).SerializeToString()
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".onnx")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(out_path, lambda f: f.write(blob))
     return model

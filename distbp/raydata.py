@@ -36,13 +36,9 @@ class BlockSource:
         """Rows [start, stop), fetched from the blocks that overlap them."""
         import ray
 
-        if not 0 <= start <= stop <= self.num_rows:
-            raise ValueError(f"rows [{start}, {stop}) outside [0, {self.num_rows})")
-        columns = self.columns if columns is None else list(columns)
-        missing = [c for c in columns if c not in self.schema.names]
-        if missing:
-            raise DataError(f"data.features: column {missing[0]!r} not found in {self.path}")
-        target = pa.schema([self.schema.field(c) for c in columns])
+        from .data import read_plan
+
+        columns, target = read_plan(self, start, stop, columns)
         wanted, first = [], 0
         for ref, rows in zip(self.blocks, self.block_rows):
             lo, hi = max(start, first) - first, min(stop, first + rows) - first

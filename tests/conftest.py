@@ -61,3 +61,16 @@ def make_job(tmp_path):
 def model_arrays(path):
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def wait_for_rows(metrics, rows, proc, timeout=120):
+    """Wait until the run of `proc` has written more than `rows` rows to `metrics`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > rows:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the run did not get going")

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from distbp.api import load
 from distbp.cli import main
 from distbp.trainer import Trainer
 
-from conftest import model_arrays
+from conftest import model_arrays, wait_for_rows
 
 DRIVER = Path(__file__).with_name("cluster_driver.py")
 CLUSTER_JOB = dict(rows=400, train={"steps": 30, "optimizer": {"name": "adam", "lr": 0.01}, "checkpoint_every": 10})
@@ -99,16 +98,6 @@ def test_too_many_failures_stop_with_a_clear_message(baseline, tmp_path):
     # is after its window, which may run on to the checkpoint at step 20.)
     steps = checkpoint.list_steps(tmp_path / "max" / "checkpoints")
     assert steps[0] == 10 and steps[-1] < 30 and not (tmp_path / "max" / "model.npz").exists()
-
-
-def wait_for_rows(metrics, rows, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) > rows:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    raise AssertionError("the run did not get going")
 
 
 def test_sigint_checkpoints_and_resume_is_bit_identical(ray_session, make_job, tmp_path):

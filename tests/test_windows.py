@@ -20,7 +20,7 @@ from distbp.model import load_model
 from distbp.server import ParameterServer
 from distbp.trainer import Trainer
 
-from conftest import model_arrays
+from conftest import model_arrays, wait_for_rows
 
 JOB = dict(rows=200, train={"steps": 12, "eval_every": 4, "checkpoint_every": 3, "optimizer": {"name": "adam", "lr": 0.01}})
 
@@ -166,16 +166,6 @@ def start(job, *extra, fault=None):
         env[faults.ENV] = fault
     cmd = [sys.executable, "-m", "distbp", "run", str(job), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_rows(metrics, rows, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) > rows:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError("the run did not get going")
 
 
 LONG = dict(rows=1000, train={"steps": 3000, "checkpoint_every": 10000, "optimizer": {"name": "adam", "lr": 0.01}})
