@@ -88,10 +88,7 @@ def _yaml_scalar(value):
 
 
 def _read_for(model: Model, data_path):
-    try:
-        source = data.open_source(data_path)
-    except DataError as err:  # data.py words it for a job's data.path; here DATA is an argument
-        raise DataError(err.message.replace("data.path: ", "", 1), err.hint) from None
+    source = data.open_source(data_path, key=None)  # DATA is an argument, not a job key
     table = source.read_rows(0, source.num_rows)
     missing = [c for c in model.features if c not in table.column_names]
     if missing:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import data, nn
-from .errors import DataError, UsageError
+from .errors import UsageError
 from .job import job_error
 from .text import count
 
@@ -58,10 +58,7 @@ def _check_source(job, source):
         raise job_error(job, "model.layers[-1]", f"expected {len(labels)} (the number of label columns), got {job.model.layers[-1]}")
     val_source = None
     if job.validation_path():
-        try:
-            val_source = data.open_source(job.validation_path(), job.data.format)
-        except DataError as err:  # data.py names data.path in its messages; this is the validation file
-            raise DataError(err.message.replace("data.path:", "data.validation:", 1), err.hint) from None
+        val_source = data.open_source(job.validation_path(), job.data.format, key="data.validation")
         data.select_columns(val_source, features, labels, job.data.task)
     return Prepared(spec_of(job), source, features, labels, val_source)
 

@@ -282,13 +282,23 @@ def _describe(file: str, format: str) -> tuple[pa.Schema, int, tuple[int, ...]]:
         raise _cannot_read(file, format, err) from None
 
 
-def open_source(path: str, format: str = "auto") -> TableSource:
+def open_source(path: str, format: str = "auto", key: str | None = "data.path") -> TableSource:
     """Describe the table at `path` (a file, folder, glob or pyarrow.fs URI) without loading it.
 
     Files are taken in name order. Their schemas must have the same columns; types are
     unified (int64 with double gives double). Raises DataError for missing, empty,
-    unreadable or mismatched files."""
-    path = str(path)
+    unreadable or mismatched files, naming `key`: the job key the path came from
+    (data.validation for a validation file), or None for a path given on the command line."""
+    try:
+        return _open_source(str(path), format)
+    except DataError as err:
+        if key == "data.path" or not err.message.startswith("data.path: "):
+            raise
+        message = err.message[len("data.path: "):]
+        raise DataError(f"{key}: {message}" if key else message, err.hint) from None
+
+
+def _open_source(path: str, format: str) -> TableSource:
     format = resolve_format(path, format)
     files = _list_files(path)
     files = [f for f in files if _format_of(f) == format] or files  # else: format was set explicitly

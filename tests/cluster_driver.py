@@ -76,6 +76,8 @@ def main():
         step = row["step"]
         if report["killed"] and trainer.replacements and "recovery_sec" not in report:  # first step after the replacement
             report["recovery_sec"] = time.monotonic() - report.pop("killed_at")
+        if "stalled" in report and step == trainer.actors.total_steps:  # worker 1's process at the end
+            report["last_pid"] = ray.get(trainer.workers[1].where.remote())["pid"]
         if step in fired:  # a replayed step: each failure happens once
             return
         fired.add(step)
@@ -86,9 +88,13 @@ def main():
 
             pid = ray.get(trainer.workers[1].where.remote())["pid"]
             os.kill(pid, signal.SIGSTOP)
-            threading.Timer(args.stall_seconds, os.kill, (pid, signal.SIGCONT)).start()
+
+            def wake():  # note the last step the driver had recorded when the worker went on
+                report["recorded_at_wake"] = trainer.last[0]
+                os.kill(pid, signal.SIGCONT)
+
+            threading.Timer(args.stall_seconds, wake).start()
             report["stalled"] = [pid, args.stall_seconds]
-            report["stalled_at"] = time.monotonic()
         if step == args.kill_worker_at:
             where = ray.get(trainer.workers[1].where.remote())
             os.kill(where["pid"], signal.SIGKILL)
@@ -117,8 +123,7 @@ def main():
     trainer.on_step = on_step
     result = trainer.run()
     report.pop("killed_at", None)
-    if "stalled_at" in report:
-        report["run_after_stall_sec"] = time.monotonic() - report.pop("stalled_at")
+
     report.update(model=result.model_path, replacements=result.replacements, steps=result.steps)
     print(json.dumps(report))
     ray.shutdown()

@@ -373,16 +373,25 @@ def _paths(d, prefix=()):
             yield from _paths(value, prefix + (key,))
 
 
+def pick_key(draw, job):
+    """(the mapping, one of its keys) drawn from anywhere in `job`, or None when it is empty."""
+    paths = list(_paths(job))
+    if not paths:
+        return None
+    path = draw(st.sampled_from(paths))
+    node = job
+    for key in path[:-1]:
+        node = node[key]
+    return node, path
+
+
 def _mutate(draw, job):
     """Delete, rename or replace a few keys of `job` in place."""
     for _ in range(draw(st.integers(1, 3))):
-        paths = list(_paths(job))
-        if not paths:
+        picked = pick_key(draw, job)
+        if picked is None:
             break
-        path = draw(st.sampled_from(paths))
-        node = job
-        for key in path[:-1]:
-            node = node[key]
+        node, path = picked
         action = draw(st.sampled_from(["delete", "rename", "replace", "replace", "add"]))
         if action == "add":
             node[draw(st.one_of(st.text(max_size=8), st.sampled_from(["make", "on_nan", "features", "steps"])))] = draw(VALUES)

@@ -49,6 +49,8 @@ from distbp.job import (ACTIVATIONS, LOSS_FOR_OUTPUT, ClusterCfg, DataCfg, Early
                         ScheduleCfg, TrainCfg)
 from distbp.model import Model
 
+from test_bad_input import pick_key
+
 ROWS = 30  # rows of every data file: 2 float features x0, x1 and an int64 label of 3 classes
 
 FUZZ = settings(
@@ -555,24 +557,14 @@ VALUES = st.recursive(
     max_leaves=10)
 
 
-def _paths(d, prefix=()):
-    for key, value in d.items():
-        yield prefix + (key,)
-        if isinstance(value, dict):
-            yield from _paths(value, prefix + (key,))
-
-
 @st.composite
 def noisy(draw, job):
     """A few random edits anywhere: delete, rename, replace with random nesting, add a key."""
     for _ in range(draw(st.integers(0, 3))):
-        paths = list(_paths(job))
-        if not paths:
+        picked = pick_key(draw, job)
+        if picked is None:
             break
-        path = draw(st.sampled_from(paths))
-        node = job
-        for key in path[:-1]:
-            node = node[key]
+        node, path = picked
         action = draw(st.sampled_from(["delete", "rename", "replace", "add"]))
         if action == "delete":
             del node[path[-1]]

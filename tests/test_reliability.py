@@ -79,7 +79,8 @@ def test_losing_one_of_two_parameter_actors_restores_both_and_keeps_the_bits(bas
 def test_a_stalled_worker_is_waited_for_not_taken_for_dead(baseline, tmp_path):
     job, want = baseline
     report = on_cluster(job, tmp_path / "stall", "--stall-worker-at", "12", "--stall-seconds", "8")
-    assert report["stalled"][1] == 8 and report["run_after_stall_sec"] >= 8  # the run really waited for it
+    assert report["recorded_at_wake"] < 30  # the run was still going when the worker went on: it waited
+    assert report["last_pid"] == report["stalled"][0]  # the same process finished the run
     assert report["replacements"] == 0 and report["killed"] == []
     assert same_weights(report["model"], want)
 
