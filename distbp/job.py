@@ -325,6 +325,8 @@ class ClusterCfg:
     chunk_rows: int = _int(8192, ge=1)
     max_failures: int = _int(3, ge=0)
     wait_for_nodes_s: float = _num(60.0, ge=0)
+    elastic: bool = _flag(False)  # go on with fewer workers when a lost one cannot be replaced
+    min_workers: int = _int(1, ge=1)  # elastic: below this many workers the run stops
 
 
 @dataclass(frozen=True)
@@ -384,7 +386,7 @@ def _build_section(cls, src: str, key: str, value: Any):
     return cls(**kwargs)
 
 
-def _check_together(src: str, data: DataCfg, model: ModelCfg, train: TrainCfg, **_) -> None:
+def _check_together(src: str, data: DataCfg, model: ModelCfg, train: TrainCfg, cluster: ClusterCfg, **_) -> None:
     """Rules that tie keys together, within a section or across sections."""
     if data.path is None and data.make is None:
         raise job_error(src, "data.path", "required", "give data.path, or data.make for a synthetic set")
@@ -427,6 +429,9 @@ def _check_together(src: str, data: DataCfg, model: ModelCfg, train: TrainCfg, *
         raise job_error(src, "train.early_stopping", "needs validation data", "set data.validation")
     if stop is not None and stop.metric == "val_accuracy" and data.task == "regression":
         raise job_error(src, "train.early_stopping.metric", "val_accuracy needs task classification")
+    if cluster.min_workers > cluster.workers:
+        raise job_error(src, "cluster.min_workers", f"expected at most cluster.workers ({cluster.workers}), "
+                                                    f"got {cluster.min_workers}")
 
 
 # ---------------------------------------------------------------- public API

@@ -276,6 +276,8 @@ SCHEMA_BAD = {
     "cluster.chunk_rows": bad_number(integer=True, ge=1),
     "cluster.max_failures": bad_number(integer=True, ge=0),
     "cluster.wait_for_nodes_s": bad_number(ge=0),
+    "cluster.elastic": st.one_of(st.integers(), WORDS, NULL, CONTAINERS, st.floats(allow_nan=False)),
+    "cluster.min_workers": bad_number(integer=True, ge=1),
     "output": not_a_mapping(),
     "output.dir": NOT_A_STRING,
     "output.plot": st.one_of(st.integers(), WORDS, NULL, CONTAINERS, st.floats(allow_nan=False)),

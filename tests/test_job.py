@@ -204,6 +204,17 @@ def test_keys_that_must_agree(model, data, expected):
     assert error_of(minimal(model=model, data=data)).startswith("job.yaml: " + expected)
 
 
+def test_elastic_keys_default_off_and_min_workers_fits_the_workers():
+    c = job_from_dict(MINIMAL).cluster
+    assert (c.elastic, c.min_workers) == (False, 1)
+    c = job_from_dict(minimal(cluster={"workers": 4, "elastic": True, "min_workers": 4})).cluster
+    assert (c.elastic, c.min_workers) == (True, 4)
+    assert error_of(minimal(cluster={"workers": 2, "min_workers": 3})) == (
+        "job.yaml: cluster.min_workers: expected at most cluster.workers (2), got 3")
+    assert error_of(minimal(cluster={"min_workers": 0})).startswith("job.yaml: cluster.min_workers: expected an integer >= 1")
+    assert error_of(minimal(cluster={"elastic": "yes"})).startswith("job.yaml: cluster.elastic: expected true or false")
+
+
 def test_early_stopping_needs_validation():
     assert "train.early_stopping: needs validation data" in error_of(minimal(train={"early_stopping": {}}))
 
