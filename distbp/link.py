@@ -18,9 +18,9 @@ import numpy as np
 
 from .messages import DELTAS, Order, Sums
 
-ORDER = struct.Struct("<qd??")  # step (0 = end of window), lr, evaluate, keep
+ORDER = struct.Struct("<qd??q")  # step (0 = end of window), lr, evaluate, keep, rows
 HELLO = struct.Struct("<q32s")  # worker rank, the run's secret
-END = ORDER.pack(0, 0.0, False, False)
+END = ORDER.pack(0, 0.0, False, False, 0)
 KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}  # a dead peer shows in ~25 s
 # A worker that has sent its gradient polls for the next order this long before it blocks:
 # waking a process that slept (on a VM, a halted virtual CPU) costs up to milliseconds, more
@@ -130,7 +130,7 @@ def as_bytes(array):
 
 
 def pack_order(order):
-    return ORDER.pack(order.step, order.lr, order.evaluate, order.keep)
+    return ORDER.pack(order.step, order.lr, order.evaluate, order.keep, order.rows)
 
 
 def unpack_order(data):

@@ -30,6 +30,7 @@ class Order(NamedTuple):
     lr: float
     evaluate: bool  # validation sums, per-layer norms and mean |delta| on this step
     keep: bool  # early stopping: the parameter actors keep this step's input weights
+    rows: int = 0  # the step's training rows, which the workers' counts must add up to (0: unchecked)
 
 
 class Sums(NamedTuple):
@@ -48,6 +49,7 @@ class StepInfo(NamedTuple):
     slowest: float  # the slowest worker's compute seconds
     squares: np.ndarray  # evaluate steps: per layer of this actor's slice, the mean gradient's sum of squares
     applied_at: float  # time.time() when the update was applied
+    workers: int = 0  # the shard workers whose gradients made the update
 
 
 def add_sums(sums):

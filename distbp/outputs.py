@@ -171,7 +171,7 @@ class RunOutputs:
         """The metrics row of an applied step, from its StepInfos (one per parameter actor)."""
         info = infos[0]
         train, n = info.train, info.train[COUNT]
-        row = {"step": order.step, "loss": float(train[LOSS] / n), "seconds": round(info.applied_at - t0, 6), "lr": float(order.lr)}
+        row = {"step": order.step, "loss": float(train[LOSS] / n), "seconds": round(info.applied_at - t0, 6), "lr": float(order.lr), "workers": info.workers}
         if task == "classification":
             row["accuracy"] = float(train[CORRECT] / n)
         row["compute_sec"] = float(info.slowest)  # on_step sees it (bench uses it); metrics.csv does not
@@ -187,11 +187,13 @@ class RunOutputs:
             self._scalars(row)
         return row
 
-    def checkpoint(self, step, params, opt_state, best, done):
-        """Write a checkpoint of `step` (and upload it with its marker); returns where it is."""
+    def checkpoint(self, step, params, opt_state, best, done, workers=None):
+        """Write a checkpoint of `step` (and upload it with its marker); returns where it is.
+        `workers`: the worker count that computed it (an elastic run's may be below cluster.workers)."""
         faults.hit("checkpoint_slow", step)
         best_meta, best_params = (None, None) if best is None else best
-        ckpt = checkpoint.Checkpoint(step, params, opt_state, job_hash(self.job), self.job.seed, done, self.job.cluster.workers, best_meta, best_params)
+        workers = workers or self.job.cluster.workers
+        ckpt = checkpoint.Checkpoint(step, params, opt_state, job_hash(self.job), self.job.seed, done, workers, best_meta, best_params)
         try:
             faults.hit("checkpoint_write", step)  # tests: a full disk, here
             path = checkpoint.save(self.ckpt_dir, ckpt, self.job.train.keep_checkpoints)

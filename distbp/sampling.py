@@ -109,6 +109,14 @@ def epoch_and_index(step: int, n: int, batch: int) -> tuple[int, int]:
     return divmod(step - 1, steps_per_epoch(n, batch))
 
 
+def batch_size(step: int, n: int, batch: int | None) -> int:
+    """Rows in step `step`'s batch: n for the full batch (None), else min(batch, n - index*batch)."""
+    if batch is None:
+        return n
+    _, index = epoch_and_index(step, n, batch)
+    return min(batch, n - index * batch)
+
+
 def batch_ordinals(seed: int, epoch: int, index: int, batch: int, n: int) -> np.ndarray:
     """Ordinals of batch `index` of `epoch`, sorted ascending: (min(batch, n - index*batch),) int64.
 

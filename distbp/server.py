@@ -10,6 +10,7 @@ import numpy as np
 from . import link, optim, shm
 from .errors import TrainingError
 from .messages import COUNT, LOSS, StepInfo, add_sums
+from .text import count
 
 RECENT = 512  # StepInfos kept for the driver to read after a failure: more than a window
 
@@ -43,7 +44,7 @@ class ParameterServer:
     def weights(self):
         return self.w
 
-    def assemble(self, num_workers, *parts, step=None):
+    def assemble(self, num_workers, *parts, order=None):
         """The mean gradient of this slice: parts = K gradient slices then K Sums, added in
         worker-rank order (never arrival order) and divided once by the row count. Returns
         (buffer it writes into, the added Sums as (train, val, slowest))."""
@@ -51,11 +52,19 @@ class ParameterServer:
         np.copyto(self.grad, grads[0])
         for g in grads[1:]:  # fixed order: bit-reproducible
             self.grad += g
-        return self._mean(sums, step)
+        return self._mean(sums, order)
 
-    def _mean(self, sums, step):
+    def _mean(self, sums, order):
         """self.grad holds the rank-order sum of the slices: check it, divide by the row count."""
         totals = add_sums(sums)
+        step = None if order is None else order.step
+        if order is not None and order.rows and totals[0][COUNT] != order.rows:
+            # the shards must partition the step's rows: a gap or an overlap (after a
+            # resharding, say) would divide the wrong sum by the wrong count
+            raise TrainingError(
+                f"step {step}: the gradients of {count(len(sums), 'worker')} cover {count(int(totals[0][COUNT]), 'row')}, the step has {order.rows}",
+                hint="the shards no longer partition the training rows (a bug); the step was not applied, continue with --resume",
+            )
         if not np.isfinite(totals[0][LOSS]) or not np.isfinite(self.grad).all():
             raise TrainingError(
                 f"training diverged at step {step}: the loss or gradient is NaN or inf",
@@ -69,20 +78,20 @@ class ParameterServer:
         the step after the last applied one is taken: a step handed twice is refused, so a
         redo after a failure can never apply an update twice."""
         self._check_next(order)
-        return self._step(order, *self.assemble(num_workers, *parts, step=order.step))
+        return self._step(order, *self.assemble(num_workers, *parts, order=order), num_workers)
 
     def _check_next(self, order):
         if order.step != self.step + 1:
             raise TrainingError(f"parameter actor: asked to apply step {order.step} after step {self.step}")
 
-    def _step(self, order, grad, totals):
+    def _step(self, order, grad, totals, num_workers):
         train, val, slowest = totals
         squares = np.array([np.dot(grad[a:b], grad[a:b]) for _, a, b in self.layer_bounds] if order.evaluate else [])
         if order.keep:
             self.kept = (order.step, self.w.copy())
         self.opt.step(self.w, grad, self.state, order.lr)
         self.step = order.step
-        self.recent.append(StepInfo(order.step, train, val, slowest, squares, time.time()))
+        self.recent.append(StepInfo(order.step, train, val, slowest, squares, time.time(), num_workers))
         return self.recent[-1]
 
     def infos_after(self, step):
@@ -167,7 +176,7 @@ class ParameterServer:
                         self.grad += shared
                 if len(self.links) == 1 and first is not self.grad:
                     np.copyto(self.grad, first)
-                infos.append(self._step(order, *self._mean(sums, order.step)))
+                infos.append(self._step(order, *self._mean(sums, order), len(self.links)))
             for conn in self.links:
                 link.send(conn, link.END)
         except BaseException:

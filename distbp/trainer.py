@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from . import cluster, engine, faults, nn, schedule
+from . import cluster, engine, faults, nn, sampling, schedule
 from .actors import Actors, Start, recoverable
 from .checks import ensure_data, prepare  # noqa: F401 (prepare: used with setup)
 from .errors import DistbpError
@@ -128,7 +128,7 @@ class Trainer:
 
     def _columns(self):
         L, task = self.actors.spec.num_layers, self.job.data.task
-        columns = ["step", "loss"] + (["accuracy"] if task == "classification" else []) + ["seconds", "lr"]
+        columns = ["step", "loss"] + (["accuracy"] if task == "classification" else []) + ["seconds", "lr", "workers"]
         if self.actors.has_val:
             columns += ["val_loss"] + (["val_accuracy"] if task == "classification" else ["val_rmse", "val_r2"])
         return columns + [f"grad_norm_{l}" for l in range(1, L + 1)] + [f"delta_mean_{l}" for l in range(1, L + 1)]
@@ -137,7 +137,8 @@ class Trainer:
         train, total = self.job.train, self.actors.total_steps
         evaluate = step % train.eval_every == 0 or step == total
         lr = schedule.learning_rate(step, train.optimizer.lr, train.schedule, total)
-        return Order(step, lr, evaluate, evaluate and self.stopper is not None)
+        rows = sampling.batch_size(step, self.actors.n_train, None if train.batch == "full" else int(train.batch))
+        return Order(step, lr, evaluate, evaluate and self.stopper is not None, rows)
 
     def _ends_window(self, order):
         """Whether the driver must act once `order` is applied, before any later step runs:
@@ -259,7 +260,7 @@ class Trainer:
     def _checkpoint(self, step, done):
         params, opt_state, best = self.actors.snapshot()
         meta = self.stopper.state() if self.stopper is not None else None
-        return self.outputs.checkpoint(step, params, opt_state, None if meta is None or best is None else (meta, best), done)
+        return self.outputs.checkpoint(step, params, opt_state, None if meta is None or best is None else (meta, best), done, len(self.workers))
 
     def _finish(self, step, row, early):
         """model.npz first, then the checkpoint marked done: a run that --resume calls

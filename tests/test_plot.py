@@ -18,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def write_metrics(folder, steps=60, eval_every=10, layers=2, classification=True, validation=True):
     """A metrics.csv like a run writes: evaluation columns empty except every `eval_every` steps."""
-    header = ["step", "loss"] + (["accuracy"] if classification else []) + ["seconds", "lr"]
+    header = ["step", "loss"] + (["accuracy"] if classification else []) + ["seconds", "lr", "workers"]
     if validation:
         header += ["val_loss"] + (["val_accuracy"] if classification else [])
     header += [f"{k}_{l}" for l in range(1, layers + 1) for k in ("grad_norm", "delta_mean")]
@@ -26,7 +26,7 @@ def write_metrics(folder, steps=60, eval_every=10, layers=2, classification=True
     for step in range(1, steps + 1):
         loss = 2.0 * math.exp(-step / 20) + 0.05
         row = {"step": step, "loss": f"{loss:.6g}", "accuracy": f"{1 - loss / 2.1:.4f}",
-               "seconds": f"{0.01 * step:.3f}", "lr": f"{0.01 * 0.5 ** (step // 20):.6g}"}
+               "seconds": f"{0.01 * step:.3f}", "lr": f"{0.01 * 0.5 ** (step // 20):.6g}", "workers": 2}
         evaluation = step % eval_every == 0
         if validation:
             row["val_loss"] = f"{loss * 1.1:.6g}" if evaluation else ""

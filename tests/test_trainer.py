@@ -86,7 +86,9 @@ def test_run_folder_outputs(ray_session, make_job):
     job = load(make_job(rows=120, name="out"), ["train.steps=6"])
     result = Trainer(job).run()
     rows = list(csv.DictReader(open(f"{result.out_dir}/metrics.csv")))
+    assert list(rows[0]) == ["step", "loss", "accuracy", "seconds", "lr", "workers"] + [f"{k}_{l}" for k in ("grad_norm", "delta_mean") for l in (1, 2, 3)]
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["workers"] == "2" for r in rows)  # the shard workers whose gradients made each step
     assert all(r["grad_norm_1"] == "" for r in rows if int(r["step"]) % 2)
     assert all(float(r["grad_norm_3"]) > 0 and float(r["delta_mean_1"]) > 0 for r in rows if int(r["step"]) % 2 == 0)
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
