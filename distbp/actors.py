@@ -1,6 +1,7 @@
 """The run's Ray actors: one ShardWorker per shard and one ParameterServer per slice of the
 flat parameter vector. Creating and placing them, loading the shards, starting the parameter
-actors from fresh or saved weights, replacing a lost worker, snapshots for checkpoints."""
+actors from fresh or saved weights, replacing a lost worker, changing the worker count
+(an elastic run) with the rows resharded, snapshots for checkpoints."""
 
 import time
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ import numpy as np
 
 from . import cluster, data, faults, nn, sampling
 from .checks import check_validation_rows, merge_summaries
-from .errors import DistbpError, UsageError
+from .errors import DistbpError, TrainingError, UsageError
 from .link import LinkError
 from .messages import add_sums
 from .server import ParameterServer
@@ -70,11 +71,13 @@ class Actors:
         self.phases = phases if phases is not None else {}
         self.slices = data.shard_ranges(self.spec.num_params, job.cluster.parameter_servers)
         self.bounds = [nn.slice_layers(self.spec, a, b) for a, b in self.slices]
-        self.plans = self._plans()
+        self.plans = self._plans(job.cluster.workers)
         self.workers, self.servers = [], []
+        self.reshard_due = False  # the worker count changed and not every worker holds its new rows yet
 
-    def _plans(self):
-        job, prep, K = self.job, self.prep, self.job.cluster.workers
+    def _plans(self, K):
+        """One ShardPlan per worker rank when the rows are split over K workers."""
+        job, prep = self.job, self.prep
         ranges = data.shard_ranges(prep.source.num_rows, K)
         val_ranges = [(0, 0)] * K
         if prep.validation_source is not None:
@@ -108,9 +111,8 @@ class Actors:
         t = time.perf_counter()
         summaries = get([w.load.remote() for w in self.workers])
         self.classes, mean, std, self.n_train = merge_summaries(job, self.prep, summaries)
-        offsets = np.cumsum([0] + [s["rows"]["train"] for s in summaries])
-        self.prepare_args = [(self.classes, mean, std, int(offsets[k]), self.n_train) for k in range(len(self.workers))]
-        rows = get([w.prepare.remote(*args) for w, args in zip(self.workers, self.prepare_args)])
+        self.mean, self.std = mean, std
+        rows = self._prepare(summaries)
         self.phases["data_read"] = time.perf_counter() - t
         self.has_val = any(r.get("val", 0) for r in rows)
         self.sst = total_sum_of_squares(rows) if job.data.task == "regression" else {}
@@ -118,7 +120,13 @@ class Actors:
         batch = self.n_train if job.train.batch == "full" else int(job.train.batch)
         self.steps_per_epoch = None if job.train.steps else sampling.steps_per_epoch(self.n_train, batch)
         self.total_steps = job.train.steps or job.train.epochs * self.steps_per_epoch
-        self.mean, self.std = mean, std
+
+    def _prepare(self, summaries):
+        """Encode every worker's loaded shard; each learns where its training rows start among
+        all of them (their ordinals pick the rows of a mini-batch). Returns the row counts."""
+        offsets = np.cumsum([0] + [s["rows"]["train"] for s in summaries])
+        self.prepare_args = [(self.classes, self.mean, self.std, int(offsets[k]), self.n_train) for k in range(len(self.workers))]
+        return get([w.prepare.remote(*args) for w, args in zip(self.workers, self.prepare_args)])
 
     def start_servers(self, start):
         """Parameter actors holding `start`, one per slice, on the driver's node unless
@@ -179,19 +187,52 @@ class Actors:
     def replace_worker(self, k, wait_s):
         """Kill worker k (lost or not) and start a replacement that reads its shard again.
         False when no node had a free CPU for it within `wait_s` seconds."""
-        import ray
-
         kill(self.workers[k])
         worker = self._new_worker(self.plans[k])
-        try:
-            ray.get(ping(worker), timeout=wait_s)  # placed and started?
-        except ray.exceptions.GetTimeoutError:
-            kill(worker)
+        if not placed([worker], wait_s):
             return False
-        get(worker.load.remote())
-        get(worker.prepare.remote(*self.prepare_args[k]))
+        if not self.reshard_due:  # else `reshard` gives it its rows with everyone else's
+            get(worker.load.remote())
+            get(worker.prepare.remote(*self.prepare_args[k]))
         self.workers[k] = worker
         return True
+
+    # -- elastic runs: the worker count changes between steps ------------------------------
+    def drop_workers(self, ranks):
+        """Go on without the workers of `ranks` (lost, and no capacity for replacements): the
+        rest keep their order and the rows are resharded over them."""
+        for k in ranks:
+            kill(self.workers[k])
+        self.workers = [w for k, w in enumerate(self.workers) if k not in ranks]
+        self.plans = self._plans(len(self.workers))
+        self.reshard()
+
+    def add_workers(self, count, wait_s):
+        """Start up to `count` more workers, keep those placed within `wait_s` seconds, and
+        reshard the rows over every worker. Returns how many joined."""
+        K = len(self.workers)
+        new = [self._new_worker(plan) for plan in self._plans(K + count)[K:]]
+        joined = placed(new, wait_s)
+        if joined:
+            self.workers += joined
+            self.plans = self._plans(len(self.workers))
+            self.reshard()
+        return len(joined)
+
+    def reshard(self):
+        """Each worker reads the rows of its plan (self.plans, by rank) in place of its old
+        ones. Classes and standardisation stay those the run started with, so every row keeps
+        its values and only the split between workers changes."""
+        self.reshard_due = True
+        summaries = get([w.load.remote(plan) for w, plan in zip(self.workers, self.plans)])
+        n_train = sum(s["rows"]["train"] for s in summaries)
+        if n_train != self.n_train:
+            raise TrainingError(
+                f"resharding over {count(len(self.workers), 'worker')} read {count(n_train, 'training row')}, the run has {self.n_train}",
+                hint="the data changed under the run, or this is a bug; continue with --resume",
+            )
+        self._prepare(summaries)
+        self.reshard_due = False
 
     def kill_servers(self):
         for s in self.servers:
@@ -215,6 +256,24 @@ def total_sum_of_squares(prepared):
             s, s2 = np.sum([p[0] for p in parts], axis=0), np.sum([p[1] for p in parts], axis=0)
             sst[name] = float(np.sum(s2 - s * s / n))
     return sst
+
+
+def placed(actors, wait_s):
+    """The actors of `actors` that were placed and started within `wait_s` seconds, in their
+    order; the others are killed (no node had room for them). An actor that died starting
+    raises its Ray error, as a lost one does."""
+    import ray
+
+    refs = [ping(a) for a in actors]
+    ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    started = []
+    for actor, ref in zip(actors, refs):
+        try:
+            ray.get(ref, timeout=0)
+            started.append(actor)
+        except ray.exceptions.GetTimeoutError:
+            kill(actor)
+    return started
 
 
 def remote_class(cls):

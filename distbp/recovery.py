@@ -1,15 +1,24 @@
 """Failure handling: which actors were lost, replacing lost workers (killed first, then started
 again where a CPU is free), restoring the parameter actors from the newest checkpoint, and the
 step to redo. A step is applied only when every gradient for it has arrived, and a parameter
-actor refuses any step but the next, so a redo never applies an update twice or half."""
+actor refuses any step but the next, so a redo never applies an update twice or half.
+
+An elastic run (cluster.elastic) that finds no CPU for a replacement goes on with the workers
+it has, down to cluster.min_workers, and grows back to cluster.workers once capacity returns
+(`grow`, called between steps). Either way the rows are resharded over the new workers before
+the next step, so each step's gradient is still the sum over exactly its rows."""
 
 import numpy as np
 
 from . import faults, nn
 from .actors import Start, get, ping, recoverable
 from .errors import TrainingError
+from .text import count
 
 DEAD_AFTER_S = 60  # an actor that does not answer a control-group ping this long counts as lost
+# Growing back: once Ray reports free CPUs, how long new workers may take to start. Longer than
+# a worker's start-up on a busy node; spent only when the CPUs were free a moment before.
+START_S = 60
 
 
 def lost(actors):
@@ -57,6 +66,7 @@ class Recovery:
         if not dead_servers and not dead_workers:
             raise err  # nothing was lost: a real error, not a failure to recover from
         wait_s = self.job.cluster.wait_for_nodes_s
+        gone = []  # elastic: lost workers that no node had room to replace
         for k in dead_workers:
             self._count(f"worker {k} lost ({first})")
             self.log(f"warning: worker {k} lost; starting a replacement ({self.replacements} of at most {self.job.cluster.max_failures})")
@@ -64,12 +74,18 @@ class Recovery:
                 from .actors import kill
 
                 kill(self.actors.workers[(k + 1) % len(self.actors.workers)])
-            if not self.actors.replace_worker(k, wait_s):
-                self._save_before_giving_up(dead_servers)
-                raise TrainingError(
-                    f"no capacity for a replacement of worker {k} within cluster.wait_for_nodes_s ({wait_s:g} s)",
-                    hint=f"add nodes, or continue with fewer workers: distbp run JOB --resume --workers {len(self.actors.workers) - 1}",
-                ) from None
+            if gone or not self.actors.replace_worker(k, wait_s):  # after one found no room, none will
+                if not self.job.cluster.elastic:
+                    self._save_before_giving_up(dead_servers)
+                    raise TrainingError(
+                        f"no capacity for a replacement of worker {k} within cluster.wait_for_nodes_s ({wait_s:g} s)",
+                        hint=f"add nodes, or continue with fewer workers: distbp run JOB --resume --workers {len(self.actors.workers) - 1}",
+                    ) from None
+                gone.append(k)
+        if gone:
+            self._shrink(gone, dead_servers)
+        if self.actors.reshard_due:  # a resharding that a failure cut short
+            self.actors.reshard()
         alive = [s for i, s in enumerate(self.actors.servers) if i not in dead_servers]
         steps = set(self.actors.applied_steps(alive)) if alive else set()
         if dead_servers or len(steps) > 1:
@@ -78,6 +94,38 @@ class Recovery:
         (applied,) = steps
         self.log(f"recovered: going on from step {applied + 1}")
         return applied + 1, False, None
+
+    def _shrink(self, gone, dead_servers):
+        """Go on without the workers `gone`, unless that leaves fewer than cluster.min_workers."""
+        cluster = self.job.cluster
+        left = len(self.actors.workers) - len(gone)
+        what = f"{'worker' if len(gone) == 1 else 'workers'} {', '.join(map(str, gone))} lost and no capacity within cluster.wait_for_nodes_s ({cluster.wait_for_nodes_s:g} s)"
+        if left < cluster.min_workers:
+            self._save_before_giving_up(dead_servers)
+            raise TrainingError(
+                f"{what}; {count(left, 'worker')} left, below cluster.min_workers ({cluster.min_workers})",
+                hint=f"checkpoints are kept in {self.outputs.ckpt_dir}; add nodes and continue with --resume, or lower cluster.min_workers",
+            )
+        self.log(f"warning: {what}; going on with {count(left, 'worker')}, rows resharded")
+        self.actors.drop_workers(gone)
+
+    def grow(self):
+        """Between steps: an elastic run below cluster.workers takes back the CPUs that Ray
+        reports free, and reshards. One look at Ray's resource view when nothing is free; never
+        called on a full run. Returns whether the worker count changed (the engine is then to be
+        rebuilt)."""
+        import ray
+
+        cluster, have = self.job.cluster, len(self.actors.workers)
+        if not cluster.elastic or have >= cluster.workers:
+            return False
+        room = int(ray.available_resources().get("CPU", 0) // cluster.cpus_per_worker)
+        if room < 1:
+            return False
+        added = self.actors.add_workers(min(room, cluster.workers - have), START_S)
+        if added:
+            self.log(f"capacity back: going on with {count(have + added, 'worker')} instead of {have}, rows resharded")
+        return added > 0
 
     def _save_before_giving_up(self, dead_servers):
         """Capacity is gone: checkpoint the last applied step, so --resume loses nothing."""

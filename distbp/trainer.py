@@ -184,6 +184,8 @@ class Trainer:
                 result = self._after(orders[-1].step)
                 if result is not None:
                     return result
+                if ahead is None and self.recovery.grow():  # between windows: nothing in flight
+                    self.engine.rebuild()
                 step = orders[-1].step + 1
             except recoverable() as err:
                 ahead = None

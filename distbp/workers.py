@@ -82,9 +82,12 @@ class ShardWorker:
             return x
         return np.hstack([x, data.targets_to_numpy(table, list(self.plan.labels), np.float64)])
 
-    def load(self):
-        """Read the shard. Returns sums the driver merges: non-finite counts per feature,
-        label values, feature moment sums over training rows, and row counts."""
+    def load(self, plan=None):
+        """Read the shard (that of `plan` instead, when the rows are resharded: it replaces
+        this worker's plan, rank included). Returns sums the driver merges: non-finite counts
+        per feature, label values, feature moment sums over training rows, and row counts."""
+        if plan is not None:
+            self.plan, self.sets, self.batch_x = plan, {}, None
         p = self.plan
         table, x = self._read(p.source, p.start, p.stop)
         parts = {"train": (table, x)}

@@ -3,8 +3,14 @@ prints a JSON report; the failure and scale-out tests start it as a subprocess, 
 process holds one Ray at a time and the test session already has its own.
 
     python cluster_driver.py JOB_PATH OUT_DIR [--nodes N] [--kill-worker-at STEP]
-        [--kill-server-at STEP] [--remove-node-at STEP] [--stall-worker-at STEP [--stall-seconds S]]
-        [--set key=value ...] [--cli]
+        [--kill-server-at STEP] [--remove-node-at STEP] [--add-node-at STEP]
+        [--stall-worker-at STEP [--stall-seconds S]] [--runs R] [--set key=value ...] [--cli]
+
+--add-node-at adds a node of one CPU once STEP is recorded, and waits until the driver sees its
+CPU free. --runs R runs the job R times on the same cluster, each into OUT_DIR/run-<r>, with
+the same failures at the same steps (a removed node stays removed, an added one stays).
+A run that stops with a distbp error reports it as the command line does: one line on
+stderr, the error's exit code.
 
 With --cli the job runs through the real command, `distbp run JOB --address <cluster>`, in a
 subprocess that joins the cluster like any user's driver; the report then gives the nodes of the
@@ -31,6 +37,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from distbp.api import load  # noqa: E402
+from distbp.errors import DistbpError  # noqa: E402
 from distbp.trainer import Trainer  # noqa: E402
 
 FAST_HEALTH_CHECKS = {  # notice a lost node in about a second, not half a minute
@@ -48,6 +55,8 @@ def main():
     ap.add_argument("--kill-worker-at", type=int)
     ap.add_argument("--kill-server-at", type=int)
     ap.add_argument("--remove-node-at", type=int)
+    ap.add_argument("--add-node-at", type=int)
+    ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--stall-worker-at", type=int, help="SIGSTOP worker 1's process at this step ...")
     ap.add_argument("--stall-seconds", type=float, default=8.0, help="... and SIGCONT it this much later")
     ap.add_argument("--set", dest="sets", action="append", default=[])
@@ -66,9 +75,28 @@ def main():
         cluster.shutdown()
         return report["returncode"]
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-    job = load(args.job, [f"output.dir={args.out}", *args.sets])
-    trainer = Trainer(job, force=True)
-    report = {"killed": [], "node_ids": []}
+    reports = []
+    for r in range(args.runs):
+        out = args.out if args.runs == 1 else os.path.join(args.out, f"run-{r}")
+        try:
+            reports.append(run_once(cluster, nodes, args, out))
+        except DistbpError as err:  # as the command line reports it
+            print(f"error: {err}", file=sys.stderr)
+            ray.shutdown()
+            cluster.shutdown()
+            return err.exit_code
+    report = reports[0] if args.runs == 1 else {"runs": reports}
+    print(json.dumps(report))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def run_once(cluster, nodes, args, out):
+    """One run of the job on `cluster` with the failures `args` ask for; its report. `nodes`
+    (the nodes besides the head) follows the nodes removed and added."""
+    job = load(args.job, [f"output.dir={out}", *args.sets])
+    trainer = Trainer(job, force=True, log=lambda line: print(line, file=sys.stderr, flush=True))  # warnings and notices
+    report = {"killed": [], "node_ids": [], "added": []}
 
     fired = set()
 
@@ -110,6 +138,7 @@ def main():
             driver = ray.get_runtime_context().get_node_id()
             node = next(n for n in nodes if n.node_id in on and n.node_id != driver)
             cluster.remove_node(node, allow_graceful=False)
+            nodes.remove(node)
             report["killed"].append(["node", node.node_id])
             # Its actors can answer until the health check marks the node dead: wait for that,
             # so the run really meets the failure instead of finishing first.
@@ -117,6 +146,16 @@ def main():
             while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
                 assert time.monotonic() < deadline, "the removed node never went dead"
                 time.sleep(0.1)
+        if step == args.add_node_at:
+            free = ray.available_resources().get("CPU", 0)
+            nodes.append(cluster.add_node(num_cpus=1))
+            cluster.wait_for_nodes()
+            # The run looks for capacity through the same view: wait until the CPU shows there.
+            deadline = time.monotonic() + 60
+            while ray.available_resources().get("CPU", 0) < free + 1:
+                assert time.monotonic() < deadline, "the added node's CPU never showed"
+                time.sleep(0.1)
+            report["added"].append(nodes[-1].node_id)
         if step == 1:
             report["node_ids"] = [ray.get(w.where.remote())["node_id"] for w in trainer.workers]
 
@@ -125,9 +164,7 @@ def main():
     report.pop("killed_at", None)
 
     report.update(model=result.model_path, replacements=result.replacements, steps=result.steps)
-    print(json.dumps(report))
-    ray.shutdown()
-    cluster.shutdown()
+    return report
 
 
 def run_cli(cluster, args):

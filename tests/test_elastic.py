@@ -1,0 +1,89 @@
+"""Elastic runs (cluster.elastic): a lost node that cannot be replaced shrinks the run, a node
+added back grows it, and each step's gradient is still the sum over exactly its rows. Nodes
+come and go on a real loopback cluster (cluster_driver.py), never by calling the resharding."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distbp import checkpoint
+from distbp.api import load
+from distbp.errors import TrainingError
+from distbp.messages import Order, Sums, stats_vector
+from distbp.server import ParameterServer
+from distbp.trainer import Trainer
+
+from conftest import model_arrays
+
+DRIVER = Path(__file__).with_name("cluster_driver.py")
+# Mini-batches of 64 from 400 rows: which rows a step takes must not depend on the worker count.
+# Windows end at each checkpoint, so a node lost or added at step 10 or 20 changes the
+# membership from step 11 or 21 exactly, whatever the timing.
+JOB = dict(rows=400, train={"steps": 30, "batch": 64, "optimizer": {"name": "adam", "lr": 0.01}, "checkpoint_every": 10, "eval_every": 5})
+ELASTIC = ["--set", "cluster.elastic=true", "--set", "cluster.wait_for_nodes_s=1"]
+
+
+def driver(job, out, *args):
+    env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent)}
+    return subprocess.run([sys.executable, str(DRIVER), str(job), str(out), *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def report_of(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def workers_column(out):
+    with open(Path(out) / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), int(r["workers"])) for r in csv.DictReader(f)]
+
+
+def test_a_lost_node_shrinks_the_run_and_an_added_one_grows_it_back_with_the_same_bits_each_time(ray_session, make_job, tmp_path):
+    job = make_job(name="el", **JOB)
+    one = model_arrays(Trainer(load(job, [f"output.dir={tmp_path / 'one'}", "cluster.workers=1"])).run().model_path)
+    # 3 nodes of 1 CPU, 3 workers: no CPU to spare once a node is gone, until one is added.
+    out = tmp_path / "elastic"
+    proc = driver(job, out, "--nodes", "3", "--set", "cluster.workers=3", *ELASTIC, "--remove-node-at", "10", "--add-node-at", "20", "--runs", "2")
+    report = report_of(proc)
+    shrunk = re.findall(r"warning: worker \d lost and no capacity within cluster.wait_for_nodes_s \(1 s\); going on with 2 workers, rows resharded", proc.stderr)
+    grown = re.findall(r"capacity back: going on with 3 workers instead of 2, rows resharded", proc.stderr)
+    assert len(shrunk) == 2 and len(grown) == 2, proc.stderr[-3000:]
+    first, second = (out / "run-0", out / "run-1")
+    for run in report["runs"]:
+        assert run["killed"][0][0] == "node" and run["added"] and run["steps"] == 30
+    want = [(s, 3) for s in range(1, 11)] + [(s, 2) for s in range(11, 21)] + [(s, 3) for s in range(21, 31)]
+    assert workers_column(first) == want and workers_column(second) == want
+    a, b = model_arrays(first / "model.npz"), model_arrays(second / "model.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # the same changes at the same steps: the same bits
+    for key in ("W1", "b1", "W2", "b2", "W3", "b3"):  # and the single-process gradient all along
+        np.testing.assert_allclose(a[key], one[key], rtol=1e-10, atol=1e-12)
+
+
+def test_below_min_workers_checkpoints_and_stops_with_one_line(ray_session, make_job, tmp_path):
+    job = make_job(name="min", **JOB)
+    out = tmp_path / "min"
+    proc = driver(job, out, "--nodes", "2", *ELASTIC, "--set", "cluster.min_workers=2", "--remove-node-at", "10")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "below cluster.min_workers (2)" in errors[0] and "--resume" in errors[0], proc.stderr[-3000:]
+    assert re.search(r"worker \d lost and no capacity within cluster.wait_for_nodes_s \(1 s\); 1 worker left", errors[0])
+    assert checkpoint.list_steps(str(out / "checkpoints"))[-1] == 10  # the last step applied
+    assert not (out / "model.npz").exists()
+    assert [s for s, _ in workers_column(out)] == list(range(1, 11))
+
+
+def test_a_parameter_actor_refuses_a_step_whose_rows_do_not_add_up():
+    ps = ParameterServer(np.zeros(3), {"name": "sgd"}, layer_bounds=[(0, 0, 3)])
+    grad, sums = np.ones(3), Sums(stats_vector(1.0, 63, 0, 0.0, np.zeros(1)), None)
+    with pytest.raises(TrainingError, match="step 1: the gradients of 1 worker cover 63 rows, the step has 64"):
+        ps.apply(Order(1, 0.5, False, False, 64), 1, grad, sums)
+    assert ps.applied_step() == 0 and not ps.w.any()  # refused: nothing applied
+    info = ps.apply(Order(1, 0.5, False, False, 63), 1, grad, sums)
+    assert info.step == 1 and info.workers == 1
