@@ -88,9 +88,10 @@ def parse_ray_command(command):
     from ray.scripts.scripts import cli
 
     parsed = []
+    command = re.sub(r"\$\(ip -o route get .*\)", "10.0.0.2", command)  # a worker's own address, from its route to the head
     for part in command.replace("$RAY_HEAD_IP", "10.0.0.1").split(";"):
         words, env = shlex.split(part), {}
-        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+        while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", words[0]):
             key, value = words.pop(0).split("=", 1)
             env[key] = value
         if not words or words[0] == "ulimit":
@@ -115,6 +116,9 @@ def test_start_commands_are_valid_ray_commands_with_token_auth_and_a_private_das
         assert env.get("RAY_AUTH_MODE") == "token"
         if kind == "head":
             assert start["head"] and start["port"] == 6379
+            # a node whose network is gone is marked dead after about 30 s: 6 x (2 s + 3 s)
+            assert {k: env.get(f"RAY_health_check_{k}") for k in ("period_ms", "timeout_ms", "failure_threshold")} == {
+                "period_ms": "2000", "timeout_ms": "3000", "failure_threshold": "6"}
             assert start["autoscaling_config"] == "~/ray_bootstrap_config.yaml"
             assert start["dashboard_host"] == "127.0.0.1"  # reached through `ray dashboard` only
         else:

@@ -1,0 +1,429 @@
+"""The README's on-premise scale-out path, run as a user runs it, against hosts on this machine
+(tests/hosts.py: network namespaces on a private bridge, each with its own sshd, home and /tmp).
+
+The cluster file is docs/onprem-cluster.yaml with the hosts' addresses, root as the ssh user,
+and a setup that uses this checkout's virtual environment instead of downloading the pinned
+packages. Everything else, its file mounts, token set-up and start commands, is the shipped file.
+The laptop is this machine's root namespace: `ray up`, `ray dashboard`, `ray job submit`,
+`ray job logs`, `ray rsync-down` and `ray down` run there with their own HOME.
+
+Then network faults: a worker host's cable pulled mid-run (the worker is replaced on another host
+and the weights come out bit-identical; when the cable is back, nothing is corrupted or repeated),
+and a rate-limited link (slow, never taken for dead).
+
+Needs root (namespaces, a bridge, sshd). Marked `launcher`: `.ci/run` runs these as a step of
+their own. Run them alone with `python -m pytest -m launcher`."""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import hosts as hostlib
+from conftest import model_arrays
+
+pytestmark = pytest.mark.launcher
+
+ROOT = Path(__file__).resolve().parent.parent
+ONPREM = ROOT / "docs" / "onprem-cluster.yaml"
+WHY = hostlib.unavailable()
+if WHY:
+    pytest.skip(f"the launcher tests need hosts on this machine: {WHY}", allow_module_level=True)
+
+N_WORKER_HOSTS = 3
+JOB = {
+    "name": "spirals",
+    "seed": 0,
+    "data": {"path": "/root/data/spirals.parquet", "label": "label"},
+    "model": {"layers": [2, 32, 32, 3], "activation": "tanh", "output": "softmax", "loss": "cross_entropy", "dtype": "float64"},
+    "train": {"steps": 300, "optimizer": {"name": "adam", "lr": 0.02}, "eval_every": 50, "checkpoint_every": 100},
+    "cluster": {"workers": 3},
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(netns_run=None):
+    """{(address, port)} of the TCP sockets listening here, or in a host (`netns_run`)."""
+    out = (netns_run("ss -ltnH") if netns_run else subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True)).stdout
+    found = set()
+    for line in out.splitlines():
+        local = line.split()[3]
+        address, port = local.rsplit(":", 1)
+        found.add((address.strip("[]").removeprefix("::ffff:"), int(port)))
+    return found
+
+
+def derive_cluster_file(hosts, key, data_dir, path):
+    """docs/onprem-cluster.yaml with these hosts, root, the key, and a local install."""
+    text = ONPREM.read_text()
+    head, workers = hosts.ips[0], hosts.ips[1:]
+    text = text.replace("10.0.0.10", head).replace("/home/ubuntu", "/root")
+    config = yaml.safe_load(text)
+    config["cluster_name"] = "distbp-hosts"
+    config["provider"]["worker_ips"] = workers
+    config["auth"] = {"ssh_user": "root", "ssh_private_key": str(key)}
+    config["file_mounts"]["/root/distbp"] = str(ROOT)
+    config["file_mounts"]["/root/data"] = str(data_dir)  # the data on the nodes' own disks
+    # Instead of apt-get and the pinned pip install: this checkout's environment, shared by the
+    # hosts (one filesystem), with distbp imported from the copy that ray up sent to each host.
+    activate = [c for c in config["setup_commands"] if "venv/bin/activate" in c]
+    assert activate, "the shipped setup no longer activates ~/venv in ~/.bashrc"
+    config["setup_commands"] = [
+        f"test -e ~/venv || ln -s {sys.prefix} ~/venv",
+        *activate,
+        "grep -q '^export PYTHONPATH=~/distbp' ~/.bashrc || echo 'export PYTHONPATH=~/distbp' >> ~/.bashrc",
+    ]
+    # One CPU per host: the 3 shard workers land on 3 hosts, and the head's CPU is a spare.
+    for key_ in ("head_start_ray_commands", "worker_start_ray_commands"):
+        config[key_] = [c.replace("ray start ", "ray start --num-cpus=1 ") for c in config[key_]]
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class Laptop:
+    """The user's machine: runs `ray` commands with its own HOME and the token."""
+
+    def __init__(self, home, cluster_file, port):
+        self.cluster_file, self.port = cluster_file, port
+        home.mkdir(parents=True, exist_ok=True)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env.update(
+            HOME=str(home), RAY_AUTH_MODE="token", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{port}",
+            RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        )
+        self.log = home / "commands.log"
+
+    def ray(self, *args, timeout=300, check=True, env=None):
+        cmd = ["ray", *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        with open(self.log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("launcher")
+    before = listening()
+    hosts = hostlib.Hosts(1 + N_WORKER_HOSTS).up()
+    dashboard = None
+    try:
+        data_dir = tmp / "data"
+        data_dir.mkdir()
+        subprocess.run([sys.executable, "-m", "distbp", "data", "make", "spirals", "--rows", "3000", "--classes", "3", "-o", str(data_dir / "spirals.parquet")], check=True, capture_output=True)
+        cluster_file = derive_cluster_file(hosts, hosts.key, data_dir, tmp / "cluster.yaml")
+        laptop = Laptop(tmp / "laptop", cluster_file, free_port())
+        laptop.ray("get-auth-token", "--generate")  # the README's one-time set-up
+        (tmp / "laptop" / ".ray" / "auth_token").chmod(0o600)
+        # As docs/scale-out.md gives it for machines you already have: Ray 2.60's autoscaler v2
+        # counts the head as one of worker_ips and starts one worker machine fewer.
+        up = laptop.ray("up", "-y", "--no-config-cache", str(cluster_file), timeout=900, env={"RAY_UP_enable_autoscaler_v2": "0"})
+        dashboard = subprocess.Popen(
+            ["ray", "dashboard", "-p", str(laptop.port), str(cluster_file)], cwd=ROOT, env=laptop.env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_for(lambda: laptop.ray("job", "list", check=False, timeout=30).returncode == 0, 60, "the job API through the tunnel")
+        wait_for(lambda: alive_nodes(laptop) == 1 + N_WORKER_HOSTS, 300, "every worker host to join")
+        yield {"hosts": hosts, "laptop": laptop, "tmp": tmp, "data": data_dir, "file": cluster_file, "up": up, "before": before}
+    finally:
+        if dashboard is not None:
+            dashboard.kill()
+        try:
+            subprocess.run(["ray", "down", "-y", str(tmp / "cluster.yaml")], cwd=ROOT, env=laptop.env, capture_output=True, timeout=300)
+        except Exception:
+            pass
+        hosts.down()
+
+
+def wait_for(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def alive_nodes(laptop):
+    proc = laptop.ray("exec", str(laptop.cluster_file), "ray list nodes --format json --filter state=ALIVE", check=False, timeout=60)
+    try:
+        return len(json.loads(proc.stdout[proc.stdout.index("[{"):proc.stdout.rindex("}]") + 2]))
+    except ValueError:
+        return -1
+
+
+def embedded(job, data_dir, out):
+    """The same job on an embedded Ray, with the same worker count."""
+    job = {**job, "data": {**job["data"], "path": str(data_dir / "spirals.parquet")}}
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(job))
+    subprocess.run([sys.executable, "-m", "distbp", "run", str(path), "--out", str(out), "--quiet"], check=True, capture_output=True, timeout=300)
+    return out / "model.npz"
+
+
+def submit(c, job, name, extra=()):
+    """`ray job submit --no-wait` as the README gives it; returns the submission id."""
+    jobdir = c["tmp"] / f"submit-{name}"
+    jobdir.mkdir()
+    (jobdir / "job.yaml").write_text(yaml.safe_dump(job))
+    c["laptop"].ray(
+        "job", "submit", "--no-wait", "--submission-id", name, "--working-dir", str(jobdir), "--",
+        "distbp", "run", "job.yaml", "--address", "auto", "--out", f"/root/runs/{name}", *extra,
+    )
+    return name
+
+
+def job_status(c, name):
+    proc = c["laptop"].ray("job", "status", name, check=False, timeout=60)
+    out = (proc.stdout + proc.stderr).lower()
+    for state in ("succeeded", "failed", "stopped", "running", "pending"):
+        if f"{name}' {state}" in out or f"{name}': {state}" in out or f"{name}' is currently {state}" in out:
+            return state.upper()
+    return "UNKNOWN"
+
+
+def head_path(c, *parts):
+    """A path in the head's private home, as this machine sees it."""
+    return c["hosts"].hosts[0].home.joinpath(*parts)
+
+
+def fetch(c, name):
+    dest = c["tmp"] / "fetched" / name
+    dest.parent.mkdir(exist_ok=True)
+    c["laptop"].ray("rsync-down", str(c["file"]), f"/root/runs/{name}/", str(dest) + "/")
+    return dest
+
+
+def same_weights(a, b):
+    a, b = model_arrays(a), model_arrays(b)
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def worker_hosts(c, name):
+    """{host index: pid} of the shard workers of run `name`, found in each host's namespace."""
+    found = {}
+    for host in c["hosts"].hosts:
+        for pid in host.pids():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "ShardWorker" in cmdline:
+                found[host.index] = pid
+    return found
+
+
+# ---------------------------------------------------------------- the README's steps
+
+def test_up_sent_real_copies_to_every_host(cluster):
+    for host in cluster["hosts"].hosts:
+        assert (host.home / "distbp" / "distbp" / "trainer.py").read_bytes() == (ROOT / "distbp" / "trainer.py").read_bytes()
+        assert (host.home / "data" / "spirals.parquet").exists()
+        token = host.home / ".ray" / "auth_token"
+        assert token.read_text() == (cluster["tmp"] / "laptop" / ".ray" / "auth_token").read_text()
+    assert not Path("/root/distbp").exists()  # the copies live only in the hosts' own homes
+
+
+def test_submit_logs_fetch_bit_identical(cluster):
+    name = submit(cluster, JOB, "spirals-1")
+    wait_for(lambda: job_status(cluster, name) in ("SUCCEEDED", "FAILED", "STOPPED"), 300, "the submitted run")
+    logs = cluster["laptop"].ray("job", "logs", name).stdout
+    assert job_status(cluster, name) == "SUCCEEDED", logs[-3000:]
+    assert "step 300/300" in logs and "done: 300 steps" in logs, logs[-3000:]
+    fetched = fetch(cluster, name)
+    rows = list(csv.DictReader(open(fetched / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 301))
+    local = embedded(JOB, cluster["data"], cluster["tmp"] / "embedded-1")
+    assert same_weights(fetched / "model.npz", local)
+
+
+def test_workers_spread_over_hosts_with_distbp_from_each_copy(cluster):
+    probe = (
+        "import ray\n"
+        "ray.init(address='auto')\n"
+        "@ray.remote(num_cpus=1)\n"
+        "def where():\n"
+        "    import distbp, ray\n"
+        "    return ray.util.get_node_ip_address(), distbp.__file__\n"
+        "from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On\n"
+        "nodes = [n['NodeID'] for n in ray.nodes() if n['Alive']]\n"
+        "refs = [where.options(scheduling_strategy=On(n, soft=False)).remote() for n in nodes]\n"
+        "print('SEEN', sorted(set(map(tuple, ray.get(refs)))))\n"
+    )
+    jobdir = cluster["tmp"] / "probe"
+    jobdir.mkdir()
+    (jobdir / "probe.py").write_text(probe)
+    out = cluster["laptop"].ray("job", "submit", "--working-dir", str(jobdir), "--", "python", "probe.py", timeout=300).stdout
+    seen = eval(out[out.index("SEEN ") + 5:].splitlines()[0])  # noqa: S307 (our own output)
+    assert {ip for ip, _ in seen} == set(cluster["hosts"].ips), seen
+    assert {f for _, f in seen} == {"/root/distbp/distbp/__init__.py"}
+
+
+def test_ray_listens_only_in_the_hosts(cluster):
+    hosts = cluster["hosts"]
+    for host in hosts.hosts:
+        for address, port in listening(host.run):
+            assert address in (host.ip, "127.0.0.1", "0.0.0.0", "*", "::", "::1"), (host.name, address, port)
+    # In the machine's own namespace, nothing new listens on any address but loopback (the
+    # dashboard tunnel of `ray dashboard` is on 127.0.0.1).
+    new = listening() - cluster["before"]
+    assert all(address in ("127.0.0.1", "::1") for address, _ in new), new
+    own = {a.split("/")[0] for a in subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout.split() if a.count(".") == 3 and "/" in a}
+    for host in hosts.hosts:  # and a host reaches nothing of the machine's own network
+        for address in own - {"127.0.0.1", hosts.laptop_ip}:
+            assert host.run(f"timeout 3 bash -c '</dev/tcp/{address}/22' 2>&1", check=False).returncode != 0
+
+
+def test_token_is_required(cluster):
+    laptop = cluster["laptop"]
+    refused = laptop.ray("job", "list", check=False, timeout=60, env={"RAY_AUTH_MODE": "disabled"})
+    assert refused.returncode != 0 and "AuthenticationError" in refused.stderr
+    wrong = cluster["tmp"] / "wrong-home"
+    (wrong / ".ray").mkdir(parents=True)
+    (wrong / ".ray" / "auth_token").write_text("0" * 64)
+    refused = laptop.ray("job", "list", check=False, timeout=60, env={"HOME": str(wrong)})
+    assert refused.returncode != 0 and "Invalid authentication token" in refused.stderr
+    # The GCS itself, from another host, with a wrong token: refused; with the right one: served.
+    host, head = cluster["hosts"].hosts[1], cluster["hosts"].ips[0]
+    status = f"RAY_AUTH_MODE=token timeout 60 {sys.prefix}/bin/ray status --address {head}:6379 2>&1"
+    out = host.run(f"RAY_AUTH_TOKEN={'0' * 32} HOME=/tmp/notoken {status}", check=False, timeout=90).stdout
+    assert "InvalidAuthToken" in out and "Autoscaler status" not in out, out[-2000:]
+    assert "Autoscaler status" in host.run(status, timeout=90).stdout
+
+
+# ---------------------------------------------------------------- network faults
+
+LONG = {**JOB, "train": {**JOB["train"], "steps": 4000, "eval_every": 500, "checkpoint_every": 1000}, "cluster": {"workers": 3, "max_failures": 3, "wait_for_nodes_s": 60}}
+
+
+def test_cut_link_worker_replaced_bit_identical(cluster):
+    """Pull a worker host's cable mid-run: Ray marks the host dead (about 30 s with the shipped
+    health-check settings), the run replaces its worker on the spare CPU and ends bit-identical;
+    when the cable is back, the returning host adds no row and changes no bit."""
+    hosts = cluster["hosts"]
+    name = submit(cluster, LONG, "cut-1")
+    metrics = head_path(cluster, "runs", name, "metrics.csv")
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 200, 300, "the run to get going")
+    placed = worker_hosts(cluster, name)
+    victim = next(hosts.hosts[i - 1] for i in sorted(placed) if i != 1)  # a worker host, not the head
+    victim.link(False)
+    t_cut = time.monotonic()
+    try:
+        wait_for(lambda: "lost; starting a replacement" in cluster["laptop"].ray("job", "logs", name).stdout, 120, "the lost worker to be noticed")
+        noticed_s = time.monotonic() - t_cut
+    finally:
+        victim.link(True)
+    wait_for(lambda: job_status(cluster, name) in ("SUCCEEDED", "FAILED", "STOPPED"), 600, "the run to finish")
+    logs = cluster["laptop"].ray("job", "logs", name).stdout
+    assert job_status(cluster, name) == "SUCCEEDED", logs[-3000:]
+    print(f"lost worker noticed {noticed_s:.0f} s after the cut")
+    fetched = fetch(cluster, name)
+    steps = [int(r["step"]) for r in csv.DictReader(open(fetched / "metrics.csv"))]
+    assert steps == list(range(1, 4001))  # each step once, none repeated by the returning host
+    local = embedded(LONG, cluster["data"], cluster["tmp"] / "embedded-cut")
+    assert same_weights(fetched / "model.npz", local)
+
+
+def test_slow_link_is_not_a_dead_worker(cluster):
+    """Every worker host on a 2 Mbit/s link (a token bucket on both ends of its cable): each step
+    waits for the slow links, and no worker is taken for dead or replaced."""
+    hosts = cluster["hosts"]
+    wait_for(lambda: alive_nodes(cluster["laptop"]) == len(hosts.hosts), 300, "every host to be back")
+    slow = hosts.hosts[1:]
+    for host in slow:
+        host.shape("2mbit")
+    placed = set()  # the hosts where the run's shard workers ran
+
+    def finished():
+        placed.update(worker_hosts(cluster, name))
+        return job_status(cluster, name) in ("SUCCEEDED", "FAILED", "STOPPED")
+
+    try:
+        name = submit(cluster, JOB, "slow-1")
+        wait_for(finished, 600, "the run on slow links")
+        held_back = {host.index: host.shaped_packets() for host in slow}
+    finally:
+        for host in slow:
+            host.shape(None)
+    logs = cluster["laptop"].ray("job", "logs", name).stdout
+    assert job_status(cluster, name) == "SUCCEEDED", logs[-3000:]
+    behind_slow_links = placed & set(held_back)
+    assert behind_slow_links and all(held_back[i] > 0 for i in behind_slow_links), (placed, held_back)
+    assert "lost" not in logs and "replacement" not in logs, logs[-3000:]
+    fetched = fetch(cluster, name)
+    assert same_weights(fetched / "model.npz", embedded(JOB, cluster["data"], cluster["tmp"] / "embedded-slow"))
+
+
+ELASTIC = {
+    **JOB,
+    "train": {**JOB["train"], "steps": 40000, "eval_every": 2000, "checkpoint_every": 2000},
+    "cluster": {"workers": 4, "elastic": True, "min_workers": 2, "wait_for_nodes_s": 5, "max_failures": 3},
+}
+
+
+def test_elastic_run_shrinks_when_a_host_leaves_and_grows_when_it_returns(cluster):
+    """4 workers on every CPU of the 4 hosts, elastic: a worker host's cable pulled mid-run leaves
+    no CPU for a replacement, so the run goes on with 3 workers; when the cable is back, Ray on
+    that host is started again by the launcher and the run grows back to 4. Each step is
+    recorded once, and the weights are the one-process weights within float tolerance."""
+    hosts = cluster["hosts"]
+    wait_for(lambda: alive_nodes(cluster["laptop"]) == len(hosts.hosts), 300, "every host to be back")
+    name = submit(cluster, ELASTIC, "elastic-1")
+    metrics = head_path(cluster, "runs", name, "metrics.csv")
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 500, 300, "the run to get going")
+    victim = next(hosts.hosts[i - 1] for i in sorted(worker_hosts(cluster, name)) if i != 1)
+    victim.link(False)
+    try:
+        wait_for(lambda: "going on with 3 workers" in cluster["laptop"].ray("job", "logs", name).stdout, 180, "the run to shrink")
+    finally:
+        victim.link(True)
+    wait_for(lambda: job_status(cluster, name) in ("SUCCEEDED", "FAILED", "STOPPED"), 900, "the run to finish")
+    logs = cluster["laptop"].ray("job", "logs", name).stdout
+    assert job_status(cluster, name) == "SUCCEEDED", logs[-3000:]
+    assert "capacity back: going on with 4 workers instead of 3" in logs, logs[-3000:]
+    fetched = fetch(cluster, name)
+    rows = list(csv.DictReader(open(fetched / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 40001))
+    counts = [int(r["workers"]) for r in rows]
+    changes = [c for i, c in enumerate(counts) if i == 0 or c != counts[i - 1]]
+    assert changes == [4, 3, 4], changes
+    one = model_arrays(embedded({**ELASTIC, "cluster": {"workers": 1}}, cluster["data"], cluster["tmp"] / "embedded-elastic"))
+    got = model_arrays(fetched / "model.npz")
+    for key in one:
+        np.testing.assert_allclose(got[key], one[key], rtol=1e-9, atol=1e-12)
+
+
+def test_down_stops_ray_on_every_host(cluster):
+    """`ray down` stops Ray on the head at once. With `provider: type: local` it does not log in
+    to the worker machines; their Ray exits by itself once the head is gone (Ray's GCS reconnect
+    timeout, 60 s)."""
+    cluster["laptop"].ray("down", "-y", str(cluster["file"]), timeout=300)
+
+    def ray_left(host):
+        names = []
+        for pid in host.pids():
+            try:
+                names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+            except OSError:
+                pass
+        return [n for n in names if n in ("raylet", "gcs_server") or n.startswith("ray::")]
+
+    assert not ray_left(cluster["hosts"].hosts[0])
+    wait_for(lambda: not any(ray_left(h) for h in cluster["hosts"].hosts), 180, "Ray on the worker hosts to exit")
