@@ -32,6 +32,10 @@ PHASES = ("imports", "ray_start", "actor_start", "data_read", "first_step", "plo
 MIN_SECONDS = 3.0  # each distributed point runs at least this long (or MAX_STEPS steps)
 MAX_STEPS = 2000
 FIXED_GUESS_S = 0.003  # a step's fixed cost, for choosing a step count before measuring
+# TCP payload per byte a link's rate counts at MTU 1500: 1448 of a full frame's 1514 bytes
+# (Ethernet header 14, IPv4 20, TCP 20 and 12 of timestamp option). Jumbo frames (MTU 9001):
+# 8949 of 9015, 0.993. Measured over rate-limited links: docs/scaling.md.
+PAYLOAD_SHARE = 1448 / 1514
 
 
 def workload_spec(name):
@@ -307,10 +311,14 @@ def scaling_model(report, bandwidth_gbit=10.0, workers=(1, 2, 4, 8, 16, 32, 64, 
     three figures measured in `report`: the compute rate per core (single process), the fixed
     cost of a step (1 worker: time per step minus compute) and the bytes moved per step.
 
-    T(K, S) = work / (K * rate) + fixed + max(P b / B, K P b / (S B))
-    A worker sends its gradient (P b bytes) and reads the new weights (P b) over a full-duplex
-    link of B bytes/s; each parameter actor's node receives K P b / S and serves as much.
-    A ring all-reduce instead moves 2 (K - 1) / K * P b per worker."""
+    T(K, S) = work / (K * rate) + fixed + 2 max(P b / B, K P b / (S B))
+    A worker reads the new weights (P b bytes) and then sends its gradient (P b); each
+    parameter actor's node serves K P b / S and then receives as much. B is the link's rate in
+    TCP payload bytes/s (PAYLOAD_SHARE of its bit rate). The weights of a step go out before
+    its gradients can come back, and the next step's weights need every gradient, so a
+    full-duplex link never carries both halves of a step at once: the factor 2.
+    A ring all-reduce instead moves 2 (K - 1) / K * P b per worker, sending and receiving at
+    once."""
     single = next(r for r in report["results"] if r["workers"] == 0)
     one = next(r for r in report["results"] if r["workers"] == 1)
     work = single["gflops_nominal"] * single["sec_per_step"] * 1e9  # nominal FLOPs per step
@@ -318,17 +326,18 @@ def scaling_model(report, bandwidth_gbit=10.0, workers=(1, 2, 4, 8, 16, 32, 64, 
     fixed = max(one["sec_per_step"] - one["compute_sec"], 0.0)
     spec = report["spec"]
     param_bytes = spec["num_params"] * spec["itemsize"]
-    link = bandwidth_gbit * 1e9 / 8
+    link = bandwidth_gbit * 1e9 / 8 * PAYLOAD_SHARE  # payload bytes/s
     rows = []
     for k in workers:
         compute = work / (k * rate)
         row = {"workers": k, "compute_sec": compute, "ring_allreduce_sec": compute + fixed + 2 * (k - 1) / k * param_bytes / link}
         for s in servers:
-            comm = max(param_bytes / link, k * param_bytes / (s * link))
-            row[f"ps{s}_sec"] = compute + fixed + comm
-            row[f"ps{s}_bound"] = "server" if k * param_bytes / (s * link) > max(compute, param_bytes / link) else "compute"
+            worker, server = 2 * param_bytes / link, 2 * k * param_bytes / (s * link)
+            row[f"ps{s}_sec"] = compute + fixed + max(worker, server)
+            row[f"ps{s}_bound"] = "server" if server > max(compute, worker) else "compute"
         rows.append(row)
-    figures = {"rate_gflops_per_core": rate / 1e9, "fixed_sec": fixed, "param_bytes": param_bytes, "bandwidth_gbit": bandwidth_gbit}
+    figures = {"rate_gflops_per_core": rate / 1e9, "fixed_sec": fixed, "param_bytes": param_bytes, "bandwidth_gbit": bandwidth_gbit,
+               "payload_share": PAYLOAD_SHARE}
     return {"figures": figures, "rows": rows}
 
 

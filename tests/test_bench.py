@@ -81,11 +81,12 @@ def test_scaling_model_follows_its_formula():
         ],
     }
     model = bench.scaling_model(report, bandwidth_gbit=8.0, workers=(1, 100), servers=(1, 4))
-    link = 1e9  # 8 Gb/s in bytes/s
+    link = 1e9 * 1448 / 1514  # 8 Gb/s, in TCP payload bytes/s at MTU 1500
     k1, k100 = model["rows"]
-    assert k1["ps1_sec"] == pytest.approx(2.0 + 0.01 + 4e6 / link)
+    # weights out, then gradients in: both directions' bytes in turn
+    assert k1["ps1_sec"] == pytest.approx(2.0 + 0.01 + 2 * 4e6 / link)
     assert k100["compute_sec"] == pytest.approx(0.02)
-    assert k100["ps1_sec"] == pytest.approx(0.02 + 0.01 + 100 * 4e6 / link)
-    assert k100["ps4_sec"] == pytest.approx(0.02 + 0.01 + 25 * 4e6 / link)
+    assert k100["ps1_sec"] == pytest.approx(0.02 + 0.01 + 2 * 100 * 4e6 / link)
+    assert k100["ps4_sec"] == pytest.approx(0.02 + 0.01 + 2 * 25 * 4e6 / link)
     assert k100["ring_allreduce_sec"] == pytest.approx(0.02 + 0.01 + 2 * 0.99 * 4e6 / link)
     assert (k1["ps1_bound"], k100["ps1_bound"]) == ("compute", "server")
