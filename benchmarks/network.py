@@ -148,16 +148,31 @@ def predict(report, rate, workers, servers):
     return row[f"ps{servers}_sec"]
 
 
+def serial_bound(report, rate, workers, servers):
+    """The least a step can take if every overlap happens: each parameter actor sends the
+    workers their slices one after the other and each gradient comes back while later workers'
+    weights still go out, so its link carries (K + 1) slices in a step instead of 2 K."""
+    gbit = rate_gbit(rate)
+    model = bench.scaling_model(report, gbit or 1.0, workers=(workers,), servers=(servers,))
+    f, row = model["figures"], model["rows"][0]
+    if gbit is None:
+        return row["compute_sec"] + f["fixed_sec"]
+    slice_sec = f["param_bytes"] / servers / (gbit * 1e9 / 8 * f["payload_share"])
+    return row["compute_sec"] + f["fixed_sec"] + max(2 * servers, workers + 1) * slice_sec
+
+
 def table(report, points):
     f = bench.scaling_model(report, 1.0)["figures"]
     lines = [
         f"P = {report['spec']['num_params']:,} parameters ({f['param_bytes'] / 1e6:.2f} MB), N = {report['spec']['rows']} rows; "
         f"compute {f['rate_gflops_per_core']:.1f} GFLOP/s per core, fixed {f['fixed_sec'] * 1e3:.2f} ms per step (one node)",
-        f"{'link':>8}  {'K':>2}  {'S':>2}  {'predicted s':>11}  {'measured s':>10}  {'runs':>24}  {'measured/predicted':>18}  load",
+        f"{'link':>8}  {'K':>2}  {'S':>2}  {'predicted s':>11}  {'serial bound s':>14}  {'measured s':>10}  {'runs':>24}  {'measured/predicted':>18}  load",
     ]
     for p in points:
         runs = " ".join(f"{s:.3f}" for s in p["runs"])
-        lines.append(f"{p['rate']:>8}  {p['workers']:>2}  {p['servers']:>2}  {p['predicted']:11.3f}  {p['measured']:10.3f}  {runs:>24}  {p['measured'] / p['predicted']:18.2f}  {p['load'][0]:4.1f}")
+        low = serial_bound(report, p["rate"], p["workers"], p["servers"])
+        lines.append(f"{p['rate']:>8}  {p['workers']:>2}  {p['servers']:>2}  {p['predicted']:11.3f}  {low:14.3f}  {p['measured']:10.3f}  {runs:>24}  "
+                     f"{p['measured'] / p['predicted']:18.2f}  {p['load'][0]:4.1f}")
     return "\n".join(lines)
 
 
