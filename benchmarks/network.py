@@ -151,7 +151,8 @@ def predict(report, rate, workers, servers):
 def serial_bound(report, rate, workers, servers):
     """The least a step can take if every overlap happens: each parameter actor sends the
     workers their slices one after the other and each gradient comes back while later workers'
-    weights still go out, so its link carries (K + 1) slices in a step instead of 2 K."""
+    weights still go out, so its link carries K + 1 slices in a step instead of 2 K; a worker's
+    own link still carries its weights and then its gradient (2 S slices), whichever is more."""
     gbit = rate_gbit(rate)
     model = bench.scaling_model(report, gbit or 1.0, workers=(workers,), servers=(servers,))
     f, row = model["figures"], model["rows"][0]
