@@ -371,9 +371,13 @@ def test_slow_link_is_not_a_dead_worker(cluster):
     assert same_weights(fetched / "model.npz", embedded(JOB, cluster["data"], cluster["tmp"] / "embedded-slow"))
 
 
+# Plain SGD: its steps contract, so the rounding differences of another summation order stay
+# at ~1e-13 over 40,000 steps (1 vs 4 workers, measured). Adam at lr 0.02 on the same rows is
+# chaotic at this loss: the same differences grow to 1e-2 within 40,000 steps, for a change of
+# worker count with or without an elastic run.
 ELASTIC = {
     **JOB,
-    "train": {**JOB["train"], "steps": 40000, "eval_every": 2000, "checkpoint_every": 2000},
+    "train": {"steps": 40000, "optimizer": {"name": "sgd", "lr": 0.05}, "eval_every": 2000, "checkpoint_every": 2000},
     "cluster": {"workers": 4, "elastic": True, "min_workers": 2, "wait_for_nodes_s": 5, "max_failures": 3},
 }
 
@@ -406,8 +410,10 @@ def test_elastic_run_shrinks_when_a_host_leaves_and_grows_when_it_returns(cluste
     assert changes == [4, 3, 4], changes
     one = model_arrays(embedded({**ELASTIC, "cluster": {"workers": 1}}, cluster["data"], cluster["tmp"] / "embedded-elastic"))
     got = model_arrays(fetched / "model.npz")
-    for key in one:
-        np.testing.assert_allclose(got[key], one[key], rtol=1e-9, atol=1e-12)
+    weights = [k for k in one if k[0] in "Wb" and k[1:].isdigit()]
+    assert weights
+    for key in weights:
+        np.testing.assert_allclose(got[key], one[key], rtol=1e-10, atol=1e-12)
 
 
 def test_down_stops_ray_on_every_host(cluster):
