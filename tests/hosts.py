@@ -24,6 +24,7 @@ from pathlib import Path
 # dbp-v1.., folders under /var/tmp/distbp-hosts-dbp (not /tmp: each host mounts its own /tmp).
 # Two sets with different prefixes and subnets can exist side by side.
 PREFIX, SUBNET = "dbp", "10.213.7"  # laptop .1, host i at .10+i
+PRIVATE = ("/root", "/tmp")  # each host has its own
 SSHD = "/usr/sbin/sshd"
 
 
@@ -124,10 +125,11 @@ class Hosts:
         self.prefix, self.laptop_ip = prefix, f"{subnet}.1"
         self.base = base_dir(prefix)
         self.hosts = [Host(i, self.base, prefix, subnet) for i in range(1, n + 1)]
-        # Folders under /root that stay visible, at the same path, inside every host's private
-        # home: this Python's installation (a pyenv under /root, say), plus `shared`.
+        # Folders under /root or /tmp that stay visible, at the same path, inside every host's
+        # private home and /tmp: this Python's installation (a pyenv under /root, a venv in a
+        # checkout under /tmp, say), plus `shared`.
         here = [Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), *map(Path, shared)]
-        self.shared = sorted({p for p in here if Path("/root") in p.parents})
+        self.shared = sorted({p for p in here if any(Path(private) in p.parents for private in PRIVATE)})
         self.key = self.base / "id_ed25519"  # the laptop's key, authorised on every host
 
     def __enter__(self):
@@ -182,12 +184,13 @@ class Hosts:
             _run("ip", "netns", "exec", host.name, "ip", *cmd)
         # The shared folders are bound into the private home first, then /root and /tmp are
         # bound over (recursively, to carry those), while the sources are the machine's own paths.
-        binds = []
+        binds, own = [], {"/root": host.home, "/tmp": host.tmp}
         for path in self.shared:
-            inside = host.home / path.relative_to("/root")
+            private = next(p for p in PRIVATE if Path(p) in path.parents)
+            inside = own[private] / path.relative_to(private)
             inside.mkdir(parents=True, exist_ok=True)
             binds.append(f"mount --bind {path} {inside}")
-        binds += [f"mount --rbind {host.home} /root", f"mount --bind {host.tmp} /tmp", f"exec {SSHD} -D -e -f {config}"]
+        binds += [f"mount --rbind {host.home} /root", f"mount --rbind {host.tmp} /tmp", f"exec {SSHD} -D -e -f {config}"]
         mounts = " && ".join(binds)
         log = open(host.dir / "sshd.log", "wb")
         host.sshd = subprocess.Popen(
