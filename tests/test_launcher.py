@@ -17,7 +17,6 @@ their own. Run them alone with `python -m pytest -m launcher`."""
 import csv
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
