@@ -1,6 +1,7 @@
 """The run's outputs: the run folder (local, or staged locally and uploaded to object storage),
 job.yaml, the metrics rows, checkpoints, model.npz, plot.png, and the RunResult."""
 
+import glob
 import os
 import shutil
 import tempfile
@@ -159,7 +160,12 @@ class RunOutputs:
         if self.tb is not None:
             self.tb.close()
         purge = None if keep_until_step is None else keep_until_step + 1
-        self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=purge, flush_secs=5)
+        # tensorboardX names a file by the second it was opened, and TensorBoard reads a
+        # folder's files in name order: a replay within the same second would reuse (truncate)
+        # the name. A counter after it keeps every file, in the order written.
+        folder = os.path.join(self.out_dir, "tb")
+        n = len(glob.glob(os.path.join(folder, "events.out.tfevents.*")))
+        self.tb = SummaryWriter(folder, purge_step=purge, flush_secs=5, filename_suffix=f".{n:04d}")
 
     def _scalars(self, row):
         for name in self.columns:

@@ -17,8 +17,9 @@ from distbp.trainer import Trainer
 
 
 def events(folder):
-    """Every Event of every event file in `folder`, file by file in the order written."""
-    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*")), key=os.path.getmtime):
+    """Every Event of every event file in `folder`, file by file in name order, as TensorBoard
+    reads them."""
+    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
         with open(path, "rb") as f:
             blob = f.read()
         at = 0
