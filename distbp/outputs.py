@@ -193,12 +193,11 @@ class RunOutputs:
             self._scalars(row)
         return row
 
-    def checkpoint(self, step, params, opt_state, best, done, workers=None):
+    def checkpoint(self, step, params, opt_state, best, done, workers):
         """Write a checkpoint of `step` (and upload it with its marker); returns where it is.
         `workers`: the worker count that computed it (an elastic run's may be below cluster.workers)."""
         faults.hit("checkpoint_slow", step)
         best_meta, best_params = (None, None) if best is None else best
-        workers = workers or self.job.cluster.workers
         ckpt = checkpoint.Checkpoint(step, params, opt_state, job_hash(self.job), self.job.seed, done, workers, best_meta, best_params)
         try:
             faults.hit("checkpoint_write", step)  # tests: a full disk, here

@@ -13,6 +13,7 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from distbp import faults
 from distbp.api import load
+from distbp.outputs import RunOutputs
 from distbp.trainer import Trainer
 
 
@@ -82,3 +83,20 @@ def test_a_replay_and_a_resume_leave_no_duplicate_or_stale_point(ray_session, ma
     assert resumed.resumed_from == 6
     points = check_against_metrics(out)
     assert sorted(points["loss"]) == list(range(1, 13))
+
+
+def test_a_file_reopened_within_the_same_second_keeps_the_first(tmp_path):
+    """tensorboardX names a file by the second it was opened; a replay reopens within
+    milliseconds. Both files must stay, and read in name order the purge must leave the first
+    file's points before the replayed step."""
+    outputs = object.__new__(RunOutputs)  # only the run folder and the writer are needed here
+    outputs.out_dir, outputs.tb = str(tmp_path), None
+    outputs._open_tensorboard(None)
+    for step in (1, 2, 3):
+        outputs.tb.add_scalar("loss", float(step), step)
+    outputs._open_tensorboard(2)  # steps 3.. are written again
+    outputs.tb.add_scalar("loss", 30.0, 3)
+    outputs.tb.close()
+    assert len(glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))) == 2
+    points, doubled = shown(tmp_path / "tb")
+    assert points["loss"] == {1: 1.0, 2: 2.0, 3: 30.0} and doubled == 0
