@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cluster, data, faults, nn, sampling
+from . import blas, cluster, data, faults, nn, sampling
 from .checks import check_validation_rows, merge_summaries
 from .errors import DistbpError, TrainingError, UsageError
 from .link import LinkError
@@ -66,9 +66,11 @@ class Start:
 class Actors:
     """The workers and parameter actors of one run, and what the driver learned loading them."""
 
-    def __init__(self, job, prep, phases=None):
+    def __init__(self, job, prep, phases=None, log=None):
         self.job, self.prep, self.spec = job, prep, prep.spec
         self.phases = phases if phases is not None else {}
+        self.log = log or (lambda msg: None)
+        self.blas = []  # by rank: what each worker's bits depend on (blas.describe, with rank and node)
         self.slices = data.shard_ranges(self.spec.num_params, job.cluster.parameter_servers)
         self.bounds = [nn.slice_layers(self.spec, a, b) for a, b in self.slices]
         self.plans = self._plans(job.cluster.workers)
@@ -90,14 +92,18 @@ class Actors:
                 rank, prep.source, a, b, tuple(prep.features), tuple(prep.labels), job.data.task, self.spec,
                 job.cluster.chunk_rows, max(1, int(job.cluster.cpus_per_worker)), job.seed, job.data.on_nan,
                 fraction, prep.validation_source, val_ranges[rank], batch, cluster.worker_env(),
+                job.cluster.blas_kernel,
             )
             for rank, (a, b) in enumerate(ranges)
         ]
 
     # -- start ---------------------------------------------------------------------------
     def _new_worker(self, plan):
-        cls = remote_class(ShardWorker).options(num_cpus=self.job.cluster.cpus_per_worker, scheduling_strategy="SPREAD")
-        return cls.remote(plan, self.slices)
+        options = dict(num_cpus=self.job.cluster.cpus_per_worker, scheduling_strategy="SPREAD")
+        pin = blas.runtime_env(self.job.cluster.blas_kernel)  # set before the process loads numpy
+        if pin:
+            options["runtime_env"] = pin
+        return remote_class(ShardWorker).options(**options).remote(plan, self.slices)
 
     def start(self, start):
         """Create every actor, read and check the shards, then start the parameter actors
@@ -110,6 +116,7 @@ class Actors:
         self.phases["actor_start"] = time.perf_counter() - t
         t = time.perf_counter()
         summaries = get([w.load.remote() for w in self.workers])
+        self.blas = [s["blas"] for s in summaries]
         self.classes, mean, std, self.n_train = merge_summaries(job, self.prep, summaries)
         self.mean, self.std = mean, std
         rows = self._prepare(summaries)
@@ -192,7 +199,7 @@ class Actors:
         if not placed([worker], wait_s):
             return False
         if not self.reshard_due:  # else `reshard` gives it its rows with everyone else's
-            get(worker.load.remote())
+            self._note_blas([get(worker.load.remote())["blas"]])
             get(worker.prepare.remote(*self.prepare_args[k]))
         self.workers[k] = worker
         return True
@@ -225,6 +232,7 @@ class Actors:
         its values and only the split between workers changes."""
         self.reshard_due = True
         summaries = get([w.load.remote(plan) for w, plan in zip(self.workers, self.plans)])
+        self._note_blas([s["blas"] for s in summaries])
         n_train = sum(s["rows"]["train"] for s in summaries)
         if n_train != self.n_train:
             raise TrainingError(
@@ -233,6 +241,17 @@ class Actors:
             )
         self._prepare(summaries)
         self.reshard_due = False
+
+    def _note_blas(self, reports):
+        """Take the BLAS reports of workers loaded after the start (replacements, a reshard);
+        warn when the workers now differ where they did not before."""
+        before = blas.differences(self.blas)
+        by_rank = {r["rank"]: r for r in self.blas if r["rank"] < len(self.workers)}
+        by_rank.update({r["rank"]: r for r in reports})
+        self.blas = [by_rank[k] for k in sorted(by_rank)]
+        now = blas.differences(self.blas)
+        if now and now != before:
+            self.log(f"warning: {now}")
 
     def kill_servers(self):
         for s in self.servers:

@@ -216,6 +216,13 @@ def _check_make(src, key, v):
     return copy.deepcopy(make)
 
 
+def _check_kernel(src, key, v):
+    """cluster.blas_kernel: auto, or an OpenBLAS kernel name (what OPENBLAS_CORETYPE takes)."""
+    if not (isinstance(v, str) and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", v)):
+        raise job_error(src, key, f"expected auto or an OpenBLAS kernel name such as Haswell, got {_show(v)}")
+    return v
+
+
 def _check_label(src, key, v):
     return _names(src, key, v) if isinstance(v, list) else _text(src, key, v)
 
@@ -327,6 +334,7 @@ class ClusterCfg:
     wait_for_nodes_s: float = _num(60.0, ge=0)
     elastic: bool = _flag(False)  # go on with fewer workers when a lost one cannot be replaced
     min_workers: int = _int(1, ge=1)  # elastic: below this many workers the run stops
+    blas_kernel: str = _spec("auto", _check_kernel)  # auto, or the OpenBLAS kernel every worker runs
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import checkpoint, faults, rundir
+from . import blas, checkpoint, faults, rundir
 from .errors import TrainingError, UsageError
 from .job import job_hash, job_to_dict
 from .messages import CORRECT, COUNT, DELTAS, LOSS, figures, layer_norms
@@ -140,6 +140,16 @@ class RunOutputs:
         self.publish("job.yaml")
         self.columns = columns
         self.open_metrics(keep_until_step)
+
+    def record_environment(self, reports):
+        """Write environment.json (what each worker's bits depend on); warn when the workers'
+        BLAS differ, between each other or from the run being resumed."""
+        previous = rundir.read_environment(self.out_dir) if self.resume else None
+        differs = blas.differences(reports, previous)
+        if differs:
+            self.log(f"warning: {differs}")
+        rundir.write_environment(self.out_dir, reports)
+        self.publish("environment.json")
 
     def open_metrics(self, keep_until_step):
         """(Re)open metrics.csv, keeping only the rows up to `keep_until_step`."""

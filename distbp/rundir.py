@@ -1,6 +1,7 @@
 """The run folder: refusing to overwrite a run, job.yaml, and the streaming metrics.csv."""
 
 import csv
+import json
 import os
 import shutil
 
@@ -9,7 +10,7 @@ import yaml
 from . import faults
 from .errors import UsageError
 
-RUN_FILES = ("job.yaml", "metrics.csv", "model.npz", "checkpoints", "plot.png", "tb")
+RUN_FILES = ("job.yaml", "metrics.csv", "model.npz", "checkpoints", "plot.png", "tb", "environment.json")
 
 
 def holds_run(out_dir):
@@ -55,11 +56,31 @@ def clear(out_dir):
 
 
 def write_job(out_dir, job_dict):
+    _write_atomic(out_dir, "job.yaml", lambda f: yaml.safe_dump(job_dict, f, sort_keys=False))
+
+
+def write_environment(out_dir, reports):
+    """environment.json: per worker rank, what its bits depend on (node, BLAS library,
+    version, kernel and threads)."""
+    _write_atomic(out_dir, "environment.json", lambda f: json.dump({"format_version": 1, "workers": reports}, f, indent=1))
+
+
+def read_environment(out_dir):
+    """The worker reports of environment.json, or None when there is none or it cannot be read."""
+    try:
+        with open(os.path.join(out_dir, "environment.json")) as f:
+            workers = json.load(f)["workers"]
+        return workers if isinstance(workers, list) and all(isinstance(w, dict) for w in workers) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_atomic(out_dir, name, write):
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ".job.yaml.tmp")
+    tmp = os.path.join(out_dir, f".{name}.tmp")
     with open(tmp, "w") as f:
-        yaml.safe_dump(job_dict, f, sort_keys=False)
-    os.replace(tmp, os.path.join(out_dir, "job.yaml"))
+        write(f)
+    os.replace(tmp, os.path.join(out_dir, name))
 
 
 class MetricsWriter:
@@ -162,6 +183,7 @@ class RemoteRun:
         from pyarrow import fs
 
         self.fetch("metrics.csv", os.path.join(staging, "metrics.csv"))
+        self.fetch("environment.json", os.path.join(staging, "environment.json"))
         for info in self.fs.get_file_info(fs.FileSelector(f"{self.root}/checkpoints", allow_not_found=True)):
             if info.base_name.startswith("step-"):
                 self.fetch(f"checkpoints/{info.base_name}", os.path.join(staging, "checkpoints", info.base_name))

@@ -46,7 +46,7 @@ class Trainer:
         """Start the actors, read and check the shards, and start the parameter actors from
         the seeded init or from `ckpt`. Needs Ray; touches nothing on disk."""
         job, spec = self.job, prep.spec
-        self.actors = Actors(job, prep, self.phases)
+        self.actors = Actors(job, prep, self.phases, self.log)
         if ckpt is None:
             start = Start(nn.init_params(spec, np.random.default_rng(job.seed)))
         else:
@@ -87,6 +87,7 @@ class Trainer:
             self.setup(prep, ckpt)
             self.resumed_from = ckpt.step if ckpt else None
             outputs.begin(self._columns(), ckpt.step if ckpt else None)  # the run folder changes from here
+            outputs.record_environment(self.actors.blas)
             self.engine = engine_class(self.actors)
             self.recovery = Recovery(job, self.actors, outputs, self._save_applied, self.log)
             self.detail(

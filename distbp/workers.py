@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import data, faults, nn, sampling
+from . import blas, data, faults, nn, sampling
 from . import link, shm
+from .errors import UsageError
 from .messages import Sums, stats_vector
 
 
@@ -35,6 +36,7 @@ class ShardPlan:
     validation_range: tuple = (0, 0)
     batch: int | None = None  # global mini-batch size; None = full batch
     env: tuple = ()  # ((key, value or None), ...): environment the worker sets for itself first
+    blas_kernel: str = "auto"  # cluster.blas_kernel: the kernel this worker was started with, checked at load
 
 
 class ShardWorker:
@@ -70,6 +72,18 @@ class ShardWorker:
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
+    def blas_report(self):
+        """{'rank', 'node', 'library', 'version', 'kernel', 'threads'}: what this worker's bits
+        depend on. Raises UsageError when the pinned cluster.blas_kernel does not run here."""
+        import ray
+
+        node = ray.util.get_node_ip_address()
+        if self.plan.blas_kernel != blas.AUTO:
+            problem = blas.pin_problem(self.plan.blas_kernel, f"node {node}")
+            if problem:
+                raise UsageError(f"cluster.blas_kernel: {problem}", hint="pin a kernel every node runs, or use auto")
+        return {"rank": self.plan.rank, "node": node, **blas.describe()}
+
     def _read(self, source, start, stop):
         """(label columns, features (rows, n_0) in the model's dtype): the only copy kept."""
         table = source.read_rows(start, stop, columns=[*self.plan.features, *self.plan.labels])
@@ -89,6 +103,7 @@ class ShardWorker:
         if plan is not None:
             self.plan, self.sets, self.batch_x = plan, {}, None
         p = self.plan
+        report = self.blas_report()  # before any product: a kernel the CPU lacks would kill the process
         table, x = self._read(p.source, p.start, p.stop)
         parts = {"train": (table, x)}
         if p.validation_fraction:
@@ -96,7 +111,7 @@ class ShardWorker:
             parts = {"train": (table.filter(~is_val), x[~is_val]), "val": (table.filter(is_val), x[is_val])}
         elif p.validation_source is not None:
             parts["val"] = self._read(p.validation_source, *p.validation_range)
-        summary = {"nonfinite": {}, "dropped": 0, "labels": [], "rows": {}}
+        summary = {"nonfinite": {}, "dropped": 0, "labels": [], "rows": {}, "blas": report}
         for name, (tab, xs) in parts.items():
             values = self._checked_values(tab, xs)
             origin = "validation" if name == "val" and p.validation_source is not None else "data"

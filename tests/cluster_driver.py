@@ -61,19 +61,22 @@ def main():
     ap.add_argument("--stall-seconds", type=float, default=8.0, help="... and SIGCONT it this much later")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--cli", action="store_true")
+    ap.add_argument("--node-env", action="append", default=[], help="KEY=VALUE in the environment of the last node's raylet (and so its workers)")
+    ap.add_argument("--run-set", action="append", default=[], help="R:key=value, a --set for run R only (with --cli --runs)")
     args = ap.parse_args()
 
     head_args = {"num_cpus": 1, "_system_config": FAST_HEALTH_CHECKS}
     if args.cli:  # no dashboard: the head would wait a minute for one if another Ray holds port 8265
         head_args["include_dashboard"] = False
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(args.nodes - 1)]
+    node_env = dict(kv.split("=", 1) for kv in args.node_env)
+    nodes = [cluster.add_node(num_cpus=1, **({"env_vars": node_env} if i == args.nodes - 2 and node_env else {})) for i in range(args.nodes - 1)]
     cluster.wait_for_nodes()
     if args.cli:
-        report = run_cli(cluster, args)
-        print(json.dumps(report))
+        reports = [run_cli(cluster, args, r) for r in range(args.runs)]
+        print(json.dumps(reports[0] if args.runs == 1 else {"runs": reports}))
         cluster.shutdown()
-        return report["returncode"]
+        return max(r["returncode"] for r in reports)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     reports = []
     for r in range(args.runs):
@@ -167,10 +170,13 @@ def run_once(cluster, nodes, args, out):
     return report
 
 
-def run_cli(cluster, args):
-    """`distbp run JOB --address <cluster>` as its own process, then the cluster's view of it."""
+def run_cli(cluster, args, r=0):
+    """`distbp run JOB --address <cluster>` as its own process (run r of --runs), then the
+    cluster's view of it."""
+    out = args.out if args.runs == 1 else os.path.join(args.out, f"run-{r}")
+    sets = args.sets + [kv.split(":", 1)[1] for kv in args.run_set if int(kv.split(":", 1)[0]) == r]
     cmd = [sys.executable, "-m", "distbp", "run", args.job, "--address", cluster.address,
-           "--out", args.out, "--force", "--quiet", *[a for s in args.sets for a in ("--set", s)]]
+           "--out", out, "--force", "--quiet", *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     sys.stderr.write(proc.stderr)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
@@ -180,8 +186,9 @@ def run_cli(cluster, args):
     report = {
         "returncode": proc.returncode,
         "stdout": proc.stdout,
+        "stderr": proc.stderr,
         "address": cluster.address,
-        "model": os.path.join(args.out, "model.npz"),
+        "model": os.path.join(out, "model.npz"),
         "nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
         "head": cluster.head_node.node_id,
         "worker_nodes": [a["Address"]["NodeID"] for a in actors if a["ActorClassName"] == "ShardWorker"],

@@ -29,6 +29,7 @@ import yaml
 
 import hosts as hostlib
 from conftest import model_arrays
+from distbp import blas
 
 pytestmark = pytest.mark.launcher
 
@@ -39,13 +40,17 @@ if WHY:
     pytest.skip(f"the launcher tests need hosts on this machine: {WHY}", allow_module_level=True)
 
 N_WORKER_HOSTS = 3
+# The kernel OpenBLAS runs in this process. The hosts' Ray, started over ssh, does not inherit
+# this environment: where it sets OPENBLAS_CORETYPE, a host would pick another kernel and other
+# bits. Every run here, the hosts' and the embedded ones, pins this one (cluster.blas_kernel).
+KERNEL = blas.describe()["kernel"] or "auto"
 JOB = {
     "name": "spirals",
     "seed": 0,
     "data": {"path": "/root/data/spirals.parquet", "label": "label"},
     "model": {"layers": [2, 32, 32, 3], "activation": "tanh", "output": "softmax", "loss": "cross_entropy", "dtype": "float64"},
     "train": {"steps": 300, "optimizer": {"name": "adam", "lr": 0.02}, "eval_every": 50, "checkpoint_every": 100},
-    "cluster": {"workers": 3},
+    "cluster": {"workers": 3, "blas_kernel": KERNEL},
 }
 
 
@@ -251,6 +256,9 @@ def test_submit_logs_fetch_bit_identical(cluster):
     assert [int(r["step"]) for r in rows] == list(range(1, 301))
     local = embedded(JOB, cluster["data"], cluster["tmp"] / "embedded-1")
     assert same_weights(fetched / "model.npz", local)
+    ran = json.loads((fetched / "environment.json").read_text())["workers"]
+    assert [(w["rank"], w["kernel"]) for w in ran] == [(k, KERNEL) for k in range(3)]
+    assert "BLAS" not in logs  # no warning
 
 
 def test_workers_spread_over_hosts_with_distbp_from_each_copy(cluster):
@@ -309,7 +317,7 @@ def test_token_is_required(cluster):
 
 # ---------------------------------------------------------------- network faults
 
-LONG = {**JOB, "train": {**JOB["train"], "steps": 4000, "eval_every": 500, "checkpoint_every": 1000}, "cluster": {"workers": 3, "max_failures": 3, "wait_for_nodes_s": 60}}
+LONG = {**JOB, "train": {**JOB["train"], "steps": 4000, "eval_every": 500, "checkpoint_every": 1000}, "cluster": {"workers": 3, "max_failures": 3, "wait_for_nodes_s": 60, "blas_kernel": KERNEL}}
 
 
 def test_cut_link_worker_replaced_bit_identical(cluster):
