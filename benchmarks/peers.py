@@ -22,7 +22,8 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # DDP's gloo too
 
 import numpy as np  # noqa: E402
 
-from distbp import bench, nn  # noqa: E402
+from distbp import bench
+from distbp.backprop import nn  # noqa: E402
 
 LR = 1e-3  # as distbp bench's jobs
 WARMUP = 3

@@ -6,20 +6,20 @@
     model.predict(X), model.predict_proba(X)
 """
 
-from .errors import DataError, DistbpError, JobError, TrainingError, UsageError  # noqa: F401 (no heavy imports)
+from distbp.errors import DataError, DistbpError, JobError, TrainingError, UsageError  # noqa: F401 (no heavy imports)
 
 __version__ = "0.1.0"
 __all__ = ["train", "load_model", "DistbpError", "UsageError", "JobError", "DataError", "TrainingError"]
 
 
 def __getattr__(name):
-    # Imported on first use, so `import distbp.nn` stays free of ray and pyarrow.
+    # Imported on first use, so `import distbp.backprop.nn` stays free of ray and pyarrow.
     if name == "train":
-        from .api import train
+        from distbp.api import train
 
         return train
     if name == "load_model":
-        from .model import load_model
+        from distbp.run.model import load_model
 
         return load_model
     raise AttributeError(f"module 'distbp' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from .cli import main
+from distbp.cli import main
 
 main()

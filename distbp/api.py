@@ -6,10 +6,11 @@ import re
 
 import numpy as np
 
-from . import data, nn
-from .errors import DataError, DistbpError
-from .job import Job, job_from_dict, load_job
-from .model import Model, load_model
+from distbp.backprop import nn
+from distbp.data import tables
+from distbp.data.job import Job, job_from_dict, load_job
+from distbp.errors import DataError, DistbpError
+from distbp.run.model import Model, load_model
 
 
 def load(job_or_path, overrides=()):
@@ -22,13 +23,13 @@ def load(job_or_path, overrides=()):
 
 
 def _dict_of(job):
-    from .job import job_to_dict
+    from distbp.data.job import job_to_dict
 
     return job_to_dict(job, resolve_paths=True)
 
 
 def spec_of(job):
-    from .checks import spec_of
+    from distbp.data.checks import spec_of
 
     return spec_of(job)
 
@@ -36,7 +37,7 @@ def spec_of(job):
 def dry_run(job):
     """Validate the job and the data's schema (columns, types, input width) without Ray.
     Returns the checks' Prepared, or None when the data is still to be made by data.make."""
-    from .checks import prepare
+    from distbp.data.checks import prepare
 
     path = job.data_path()
     if job.data.make and path and "://" not in path and not os.path.exists(path):
@@ -48,13 +49,13 @@ def train(job_or_path, log=None, on_step=None, resume=False, force=False, ray_da
     """Train a job (a path, dict or Job). Keyword overrides use `__` for dots, e.g.
     `train(job, train__steps=100, cluster__workers=1)`. `ray_dataset`, a ray.data.Dataset,
     replaces data.path (Ray must be running: the Dataset lives in it). Returns the RunResult."""
-    from .trainer import Trainer
+    from distbp.trainer import Trainer
 
     sets = [f"{k.replace('__', '.')}={_yaml_scalar(v)}" for k, v in overrides.items()]
     try:
         job, source, keep = load(job_or_path, sets), None, None
         if ray_dataset is not None:
-            from .raydata import block_source
+            from distbp.data.raydata import block_source
 
             source, keep = block_source(ray_dataset)
         result = Trainer(job, resume=resume, force=force, log=log, on_step=on_step, source=source).run()
@@ -88,12 +89,12 @@ def _yaml_scalar(value):
 
 
 def _read_for(model: Model, data_path):
-    source = data.open_source(data_path, key=None)  # DATA is an argument, not a job key
+    source = tables.open_source(data_path, key=None)  # DATA is an argument, not a job key
     table = source.read_rows(0, source.num_rows)
     missing = [c for c in model.features if c not in table.column_names]
     if missing:
         raise DataError(f"{data_path}: missing feature column '{missing[0]}' that the model was trained on")
-    return table, data.features_to_numpy(table, model.features, model.spec.np_dtype)  # as the workers read them
+    return table, tables.features_to_numpy(table, model.features, model.spec.np_dtype)  # as the workers read them
 
 
 def evaluate(model_path, data_path):
@@ -101,7 +102,7 @@ def evaluate(model_path, data_path):
     {'rows', 'loss', 'accuracy'} for classification; for regression {'rows', 'loss', 'mse',
     'rmse', 'r2'}, where loss is half the mean squared error (the mse loss), mse and rmse are
     over every target value, and r2 = 1 - SSE / SST summed over the targets."""
-    from .messages import figures, stats_vector
+    from distbp.runtime.messages import figures, stats_vector
 
     model = load_model(model_path)
     table, x = _read_for(model, data_path)
@@ -110,9 +111,9 @@ def evaluate(model_path, data_path):
         raise DataError(f"{data_path}: missing label column '{missing[0]}'")
     if model.task == "classification":
         label = model.labels[0]
-        y = data.encode_labels(data.label_values(table, label), model.classes, column=label)
+        y = tables.encode_labels(tables.label_values(table, label), model.classes, column=label)
     else:
-        y = data.targets_to_numpy(table, model.labels, model.spec.np_dtype)  # as the workers encode them
+        y = tables.targets_to_numpy(table, model.labels, model.spec.np_dtype)  # as the workers encode them
     if not len(x):
         raise DataError(f"{data_path}: no rows to evaluate")
     loss_sum, correct = nn.evaluate(model.spec, model.params, model.standardized(x), y)
@@ -142,5 +143,5 @@ def predict_file(model_path, data_path, out_path):
         columns = {"prediction": proba[:, 0]}
     else:
         columns = {f"prediction_{name}": proba[:, i] for i, name in enumerate(model.labels)}
-    data.write_table(pa.table(columns), out_path)
+    tables.write_table(pa.table(columns), out_path)
     return len(x)

@@ -13,13 +13,14 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from . import nn
+from distbp.backprop import nn
 
 WORKLOADS = {
     "teacher": dict(layers=(784, 256, 128, 10), rows=60_000, dtype="float32", activation="relu", output="softmax", loss="cross_entropy"),
@@ -111,12 +112,12 @@ def _write_random_table(path, layers, rows, seed):
     stays that of a driver."""
     import pyarrow as pa
 
-    from . import data
+    from distbp.data import tables
 
     x, labels = workload_data(layers, rows, seed)
     columns = {f"x{i}": x[:, i] for i in range(layers[0])}
     columns["label"] = labels
-    data.write_table(pa.table(columns), path, row_group_size=8192)
+    tables.write_table(pa.table(columns), path, row_group_size=8192)
 
 
 def _pss_mb(pid):
@@ -151,10 +152,11 @@ def step_count(sec_per_step, min_seconds=MIN_SECONDS):
 def distributed(job_dict, workers, steps, warmup, workdir):
     """One embedded-Ray run of `job_dict` with `workers` workers; per-step times, memory,
     the step engine that ran and the start-up and finish phases."""
-    from .api import load
-    from .trainer import Trainer
+    from distbp.api import load
+    from distbp.trainer import Trainer
 
-    ray_was_up = "ray" in __import__("sys").modules and __import__("ray").is_initialized()
+    loaded = sys.modules.get("ray")  # not imported before the run picks Ray's mode
+    ray_was_up = loaded is not None and loaded.is_initialized()
     job = load(job_dict, [f"cluster.workers={workers}", f"train.steps={warmup + steps}", f"output.dir={workdir}/run-{workers}"])
     stamps, compute, memory = [], [], {}
     trainer = Trainer(job, force=True)
@@ -203,18 +205,18 @@ def machine():
 
 def run(workload="teacher", job_path=None, max_workers=2, steps=None, warmup=3, parameter_servers=1, log=lambda m: None):
     """The whole report: {"machine": ..., "results": [...]} with the keys of docs/bench.md."""
-    from .api import load, spec_of
-    from .job import job_to_dict
+    from distbp.api import load, spec_of
+    from distbp.data.job import job_to_dict
 
     with tempfile.TemporaryDirectory(prefix="distbp-bench-") as workdir:
         if job_path:
             job = load(job_path)
             spec, name = spec_of(job), job.name
-            from . import data
-            from .checks import ensure_data
+            from distbp.data import tables
+            from distbp.data.checks import ensure_data
 
             ensure_data(job, log)
-            rows = data.open_source(job.data_path(), job.data.format).num_rows
+            rows = tables.open_source(job.data_path(), job.data.format).num_rows
             job_dict = job_to_dict(job, resolve_paths=True)
         else:
             w, name = WORKLOADS[workload], workload
@@ -358,7 +360,7 @@ def chart(reports, path):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        from .errors import UsageError
+        from distbp.errors import UsageError
 
         raise UsageError("matplotlib is not installed", hint="distbp needs it for plots: pip install 'matplotlib>=3.7,<4'") from None
     fig = Figure(figsize=(4.2 * len(reports), 3.6), layout="constrained")

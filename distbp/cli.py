@@ -8,11 +8,11 @@ import sys
 
 import click
 
-from .bench import WORKLOADS
-from .datasets import KINDS
-from .engine import ENGINES
-from .errors import DistbpError, UsageError
-from .text import count
+from distbp.bench import WORKLOADS
+from distbp.data.datasets import KINDS
+from distbp.errors import DistbpError, UsageError
+from distbp.runtime.engine import ENGINES
+from distbp.text import count
 
 # Set DISTBP_DEBUG=1 to see the traceback of an unexpected error.
 DEBUG = os.environ.get("DISTBP_DEBUG") == "1"
@@ -103,7 +103,7 @@ def main():
 @one_line_errors
 def run(job_file, workers, address, out_dir, resume, force, sets, quiet, verbose, dry_run):
     """Train the network of JOB on Ray."""
-    from . import api
+    from distbp import api
 
     overrides = list(sets)
     overrides += [f"cluster.workers={workers}"] if workers is not None else []
@@ -143,8 +143,8 @@ def closing_line(result):
 
 
 def _run_with_progress(job, resume, force, quiet, verbose=False):
-    from .progress import Progress
-    from .trainer import Trainer
+    from distbp.run.progress import Progress
+    from distbp.trainer import Trainer
 
     progress = Progress(quiet=quiet)
 
@@ -168,8 +168,9 @@ def _run_with_progress(job, resume, force, quiet, verbose=False):
 @one_line_errors
 def gradcheck(job_file, sets):
     """Compare the job's backprop gradient with central differences (float64)."""
-    from . import api
-    from .gradcheck import TOLERANCE, gradcheck as check
+    from distbp import api
+    from distbp.backprop.gradcheck import TOLERANCE
+    from distbp.backprop.gradcheck import gradcheck as check
 
     job = api.load(job_file, list(sets))
     report = check(api.spec_of(job))
@@ -188,7 +189,7 @@ def gradcheck(job_file, sets):
 @one_line_errors
 def plot(run_dir, out_path):
     """Draw the loss, accuracy and per-layer gradient curves of a run."""
-    from .plot import plot_run
+    from distbp.run.plot import plot_run
 
     click.echo(f"plot: {plot_run(run_dir, out_path)}")
 
@@ -200,7 +201,7 @@ def plot(run_dir, out_path):
 @one_line_errors
 def eval_(model_path, data_path, as_json):
     """Loss (and accuracy) of MODEL on the rows of DATA."""
-    from . import api
+    from distbp import api
 
     result = api.evaluate(model_path, data_path)
     if as_json:
@@ -216,7 +217,7 @@ def eval_(model_path, data_path, as_json):
 @one_line_errors
 def predict(model_path, data_path, out_path):
     """Write MODEL's predictions for the rows of DATA."""
-    from . import api
+    from distbp import api
 
     rows = api.predict_file(model_path, data_path, out_path)
     click.echo(f"wrote {count(rows, 'prediction')} -> {out_path}")
@@ -228,7 +229,7 @@ def predict(model_path, data_path, out_path):
 @one_line_errors
 def export(model_path, out_path):
     """Write MODEL as ONNX: input X (rows, features); outputs label and probabilities, or predictions."""
-    from .export import export as write_onnx
+    from distbp.run.export import export as write_onnx
 
     model = write_onnx(model_path, out_path)
     outputs = "predictions" if model.task == "regression" else "label, probabilities"
@@ -250,8 +251,8 @@ def export(model_path, out_path):
 @one_line_errors
 def bench(job_file, workloads, max_workers, steps, warmup, parameter_servers, as_json, scaling, bandwidth_gbit, chart_path, engine):
     """Time per step against the matrix-product ceiling: one process and 1..N Ray workers."""
-    from . import bench as bench_mod
-    from .cluster import choose_mode
+    from distbp import bench as bench_mod
+    from distbp.runtime.cluster import choose_mode
 
     os.environ["DISTBP_ENGINE"] = engine
     choose_mode(None)  # embedded, loopback-only Ray for every point
@@ -286,7 +287,7 @@ def data_group():
 @one_line_errors
 def data_make(kind, rows, out_path, seed, classes, features, layers):
     """Generate the data set KIND into a file."""
-    from . import data
+    from distbp.data import datasets, tables
 
     if rows is None and kind != "digits":
         raise UsageError(f"--rows: data make {kind} needs the number of rows to make, such as --rows 1000")
@@ -296,6 +297,6 @@ def data_make(kind, rows, out_path, seed, classes, features, layers):
             options["layers"] = [int(w) for w in layers.split(",")]
         except ValueError:
             raise UsageError(f"--layers: expected widths separated by commas, such as 784,256,10; got {layers!r}") from None
-    table = data.make_dataset(kind, rows, seed=seed, **{k: v for k, v in options.items() if v is not None})
-    data.write_table(table, out_path)
+    table = datasets.make_dataset(kind, rows, seed=seed, **{k: v for k, v in options.items() if v is not None})
+    tables.write_table(table, out_path)
     click.echo(f"wrote {count(table.num_rows, 'row')} x {count(table.num_columns, 'column')} -> {out_path}")

@@ -22,6 +22,7 @@ sigmoid unit, more use softmax. Regression fits identity outputs with the mse lo
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -34,13 +35,15 @@ _RAY = {"started": False}
 
 def _ensure_ray(address, workers):
     """One Ray for every fit of the process: started (or joined) by the first one."""
-    from . import cluster
+    from distbp.runtime import cluster
 
-    import_ray = __import__("importlib").import_module
-    if "ray" in __import__("sys").modules and import_ray("ray").is_initialized():
+    loaded = sys.modules.get("ray")  # not imported here before cluster.connect picks Ray's mode
+    if loaded is not None and loaded.is_initialized():
         return
     if cluster.connect(address, max(os.cpu_count() or 1, workers)):
-        atexit.register(import_ray("ray").shutdown)
+        import ray
+
+        atexit.register(ray.shutdown)
         _RAY["started"] = True
 
 
@@ -108,10 +111,10 @@ class _MLP(BaseEstimator):
     def fit(self, X, y):
         import pyarrow as pa
 
-        from . import data
-        from .api import load
-        from .model import load_model
-        from .trainer import Trainer
+        from distbp.api import load
+        from distbp.data import tables
+        from distbp.run.model import load_model
+        from distbp.trainer import Trainer
 
         X, y = validate_data(self, _as_array(X), y, multi_output=self._task == "regression", y_numeric=self._task == "regression", dtype=np.float64)
         labels, n_out, output, loss = self._targets(y)
@@ -119,7 +122,7 @@ class _MLP(BaseEstimator):
         scratch = tempfile.mkdtemp(prefix="distbp-fit-")
         try:
             path = os.path.join(scratch, "rows.parquet")
-            data.write_table(pa.table({**{n: X[:, i] for i, n in enumerate(names)}, **labels}), path)
+            tables.write_table(pa.table({**{n: X[:, i] for i, n in enumerate(names)}, **labels}), path)
             out_dir = self.output_dir or os.path.join(scratch, "run")
             job = load(self._job(path, list(labels), X.shape[1], n_out, output, loss, out_dir, len(X)))
             _ensure_ray(self.address, job.cluster.workers)

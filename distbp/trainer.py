@@ -9,16 +9,20 @@ import time
 
 import numpy as np
 
-from . import cluster, engine, faults, nn, sampling, schedule
-from .actors import Actors, Start, recoverable
-from .checks import ensure_data, prepare  # noqa: F401 (prepare: used with setup)
-from .errors import DistbpError
-from .messages import COUNT, Order, figures
-from .model import Model
-from .outputs import RunOutputs, RunResult  # noqa: F401 (RunResult: part of the API)
-from .recovery import Recovery
-from .stopping import EarlyStopping
-from .text import count
+from distbp import faults
+from distbp.backprop import nn, schedule
+from distbp.data import sampling
+from distbp.data.checks import ensure_data, prepare  # noqa: F401 (prepare: used with setup)
+from distbp.errors import DistbpError
+from distbp.run.model import Model
+from distbp.run.outputs import RunOutputs, RunResult  # noqa: F401 (RunResult: part of the API)
+from distbp.run.stopping import EarlyStopping
+from distbp.runtime import cluster, engine
+from distbp.runtime.actors import Actors, Start, recoverable
+from distbp.runtime.messages import COUNT, Order, figures
+from distbp.runtime.recovery import Recovery
+from distbp.text import count
+
 
 class Trainer:
     """One run of a job. `run()` returns a RunResult; errors are DistbpError subclasses.

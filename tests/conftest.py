@@ -6,7 +6,7 @@ import os
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # No Ray started by the tests (or by the CLI runs they start) talks to anything but 127.0.0.1:
 # usage stats off, and the cloud-metadata probes of Ray's daemons sent to a closed local port.
-from distbp.cluster import QUIET_DAEMONS  # noqa: E402
+from distbp.runtime.cluster import QUIET_DAEMONS  # noqa: E402
 
 os.environ.update(QUIET_DAEMONS)
 
@@ -33,13 +33,13 @@ def make_job(tmp_path):
     """Write a small job file (and its data) under tmp_path; returns the job path.
     `make_job(kind="spirals", rows=300, fmt="parquet", **sections)` where sections are dicts
     merged into the defaults below."""
-    from distbp import data
+    from distbp.data import tables, datasets
 
     def _make(kind="spirals", rows=300, fmt="parquet", name="t", make_options=None, **sections):
         options = make_options or ({"classes": 3} if kind == "spirals" else {})
         path = tmp_path / f"{kind}-{rows}.{fmt}"
         if not path.exists():
-            data.write_table(data.make_dataset(kind, rows, seed=1, **options), str(path), row_group_size=64)
+            tables.write_table(datasets.make_dataset(kind, rows, seed=1, **options), str(path), row_group_size=64)
         job = {
             "name": name,
             "seed": 3,

@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distbp import data
+from distbp.data import tables, rowmath, datasets
 from distbp.api import load
 from distbp.cli import main
 from distbp.errors import UsageError
-from distbp.job import Job, load_job
+from distbp.data.job import Job, load_job
 from distbp.trainer import Trainer
 
 from conftest import model_arrays
@@ -47,7 +47,7 @@ def base_job(data_path, out_dir, **sections):
 
 
 def spirals_table(rows=ROWS):
-    return data.make_dataset("spirals", rows, seed=1, classes=3)
+    return datasets.make_dataset("spirals", rows, seed=1, classes=3)
 
 
 def snapshot(folder):
@@ -66,7 +66,7 @@ def snapshot(folder):
 def finished(ray_session, tmp_path_factory):
     """One finished run (job.yaml, metrics.csv, model.npz, checkpoints/), made once."""
     root = tmp_path_factory.mktemp("finished")
-    data.write_table(spirals_table(), str(root / "spirals.parquet"), row_group_size=16)
+    tables.write_table(spirals_table(), str(root / "spirals.parquet"), row_group_size=16)
     job_path = root / "good.yaml"
     job_path.write_text(yaml.safe_dump(base_job(root / "spirals.parquet", root / "run")))
     Trainer(load(job_path)).run()
@@ -96,7 +96,7 @@ class Bench:
 
     def table(self, table, name="data.parquet"):
         path = self.tmp / name
-        data.write_table(table, str(path), row_group_size=16)
+        tables.write_table(table, str(path), row_group_size=16)
         return path
 
     def run(self, job, *args):
@@ -205,7 +205,7 @@ def test_corrupt_pages_behind_a_good_footer(bench):
     raw[8: len(raw) // 2] = bytes((b * 7 + 13) % 256 for b in raw[8: len(raw) // 2])
     damaged = bench.tmp / "pages.parquet"
     damaged.write_bytes(bytes(raw))
-    assert data.open_source(str(damaged)).num_rows == ROWS
+    assert tables.open_source(str(damaged)).num_rows == ROWS
     bench.refused(bench.run(bench.job(data={"path": str(damaged)})), damaged, "cannot read")
 
 
@@ -260,7 +260,7 @@ def test_nan_in_a_regression_target_is_refused(bench):
 def test_on_nan_drop_trains_on_the_finite_rows_only(ray_session, tmp_path):
     dirty = tmp_path / "dirty.parquet"
     table = table_with_nonfinite()  # rows 3, 10, 20 and 41 hold NaN or inf
-    data.write_table(table, str(dirty), row_group_size=16)
+    tables.write_table(table, str(dirty), row_group_size=16)
     job = tmp_path / "drop.yaml"
     job.write_text(yaml.safe_dump(base_job(dirty, tmp_path / "drop", data={"on_nan": "drop"}, cluster={"workers": 1})))
     result = CliRunner().invoke(main, ["run", str(job), "--verbose"])
@@ -269,7 +269,7 @@ def test_on_nan_drop_trains_on_the_finite_rows_only(ray_session, tmp_path):
 
     keep = np.setdiff1d(np.arange(ROWS), [3, 10, 20, 41])
     clean = tmp_path / "clean.parquet"
-    data.write_table(table.take(keep), str(clean), row_group_size=16)
+    tables.write_table(table.take(keep), str(clean), row_group_size=16)
     trainer = Trainer(load(base_job(clean, tmp_path / "clean", cluster={"workers": 1})))
     trainer.run()
     assert trainer.actors.n_train == ROWS - 4
@@ -300,7 +300,7 @@ def test_output_width_must_match_the_classes(bench, model, needle):
 ])
 def test_more_workers_than_training_rows(bench, rows, nan_rows, data_edit, workers):
     path = bench.table(table_with_nonfinite(nan_rows, ()).slice(0, rows), "few.parquet")
-    held_out = data.validation_mask(0, rows, data_edit.get("validation", 0.0), 3).sum()
+    held_out = rowmath.validation_mask(0, rows, data_edit.get("validation", 0.0), 3).sum()
     assert rows - held_out - len(nan_rows) < workers
     job = bench.job(data={"path": str(path), **data_edit}, cluster={"workers": workers, "cpus_per_worker": 0.5})
     bench.refused(bench.run(job), "cluster.workers", f"more workers ({workers}) than")
@@ -425,7 +425,7 @@ def job_texts(draw, data_path):
 @pytest.fixture(scope="module")
 def small_parquet(tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "small.parquet"
-    data.write_table(spirals_table(30), str(path))
+    tables.write_table(spirals_table(30), str(path))
     return path
 
 

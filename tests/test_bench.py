@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from distbp import bench, nn
+from distbp import bench
+from distbp.backprop import nn
 
 KEYS = [
     "workload", "workers", "threads_per_worker", "steps", "sec_per_step", "sec_per_step_min", "ceiling_sec",

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from distbp import blas
+from distbp.runtime import blas
 from distbp.api import load
 from distbp.errors import JobError
 from distbp.trainer import Trainer

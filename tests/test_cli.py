@@ -112,9 +112,9 @@ def test_data_make_writes_each_format(tmp_path):
         out = tmp_path / f"t.{ext}"
         result = CliRunner().invoke(main, ["data", "make", "teacher", "--rows", "50", "--layers", "6,5,4", "-o", str(out)])
         assert result.exit_code == 0, result.output
-        from distbp import data
+        from distbp.data import tables
 
-        source = data.open_source(str(out))
+        source = tables.open_source(str(out))
         assert source.num_rows == 50 and source.columns == [f"x{i}" for i in range(6)] + ["label"]
 
 

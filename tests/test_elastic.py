@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distbp import checkpoint
+from distbp.run import checkpoint
 from distbp.api import load
 from distbp.errors import TrainingError
-from distbp.messages import Order, Sums, stats_vector
-from distbp.server import ParameterServer
+from distbp.runtime.messages import Order, Sums, stats_vector
+from distbp.runtime.server import ParameterServer
 from distbp.trainer import Trainer
 
 from conftest import model_arrays

@@ -9,10 +9,11 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from distbp import data, nn
+from distbp.backprop import nn
+from distbp.data import tables
 from distbp.api import load
 from distbp.cli import main
-from distbp.model import Model, load_model
+from distbp.run.model import Model, load_model
 from distbp.trainer import Trainer
 
 TOL = {"float32": dict(rtol=1e-5, atol=1e-6), "float64": dict(rtol=1e-12, atol=1e-14)}
@@ -72,14 +73,14 @@ def test_a_trained_model_with_string_classes_exports_its_labels(ray_session, mak
     x = rng.normal(size=(240, 2))
     names = np.array(["cat", "dog", "emu"])[(x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5)]
     path = tmp_path / "animals.parquet"
-    data.write_table(pa.table({"x0": x[:, 0], "x1": x[:, 1], "label": names}), str(path))
+    tables.write_table(pa.table({"x0": x[:, 0], "x1": x[:, 1], "label": names}), str(path))
     job = make_job(name="animals", data={"path": str(path)}, model={"layers": [2, 8, 3], "dtype": "float32"}, train={"steps": 30})
     result = Trainer(load(job)).run()
     out = tmp_path / "animals.onnx"
     assert CliRunner().invoke(main, ["export", result.model_path, "-o", str(out)]).exit_code == 0
     fresh = tmp_path / "fresh.csv"
     rows = np.random.default_rng(9).normal(size=(50, 2))
-    data.write_table(pa.table({"x0": rows[:, 0], "x1": rows[:, 1]}), str(fresh))
+    tables.write_table(pa.table({"x0": rows[:, 0], "x1": rows[:, 1]}), str(fresh))
     assert CliRunner().invoke(main, ["predict", result.model_path, str(fresh), "-o", str(tmp_path / "p.csv")]).exit_code == 0
     with open(tmp_path / "p.csv", newline="") as f:
         predicted = list(csv.DictReader(f))

@@ -43,11 +43,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from distbp import cluster, data, nn, optim, schedule
+from distbp.backprop import nn, optim, schedule
+from distbp.data import tables, datasets
+from distbp.runtime import cluster
 from distbp.cli import main
-from distbp.job import (ACTIVATIONS, LOSS_FOR_OUTPUT, ClusterCfg, DataCfg, EarlyStopCfg, ModelCfg, OptimizerCfg, OutputCfg,
-                        ScheduleCfg, TrainCfg)
-from distbp.model import Model
+from distbp.data.job import ACTIVATIONS, LOSS_FOR_OUTPUT, ClusterCfg, DataCfg, EarlyStopCfg, ModelCfg, OptimizerCfg, OutputCfg, ScheduleCfg, TrainCfg
+from distbp.run.model import Model
 
 from test_bad_input import pick_key
 
@@ -124,7 +125,7 @@ def new_folder(root):
 # ---------------------------------------------------------------- assets, made once
 
 def spirals(rows=ROWS):
-    return data.make_dataset("spirals", rows, seed=1, classes=3)
+    return datasets.make_dataset("spirals", rows, seed=1, classes=3)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     table = spirals()
     for ext in ("parquet", "csv", "feather"):
-        data.write_table(table, str(root / f"data.{ext}"), row_group_size=8)
+        tables.write_table(table, str(root / f"data.{ext}"), row_group_size=8)
     spec = nn.Spec((2, 4, 3), ("tanh",), "softmax", "cross_entropy", "xavier", "float64")
     params = nn.init_params(spec, np.random.default_rng(0))
     Model(spec, params, "classification", ["x0", "x1"], ["label"], [0, 1, 2], np.zeros(2), np.ones(2)).save(str(root / "model.npz"))
@@ -359,7 +360,7 @@ def bad_data_file(draw, kind):
     name = draw(WORDS, label="name")
 
     def write(t, fmt=ext):
-        return lambda folder, assets: (data.write_table(t, str(folder / f"{name}.{fmt}"), row_group_size=8), f"{name}.{fmt}")[1]
+        return lambda folder, assets: (tables.write_table(t, str(folder / f"{name}.{fmt}"), row_group_size=8), f"{name}.{fmt}")[1]
 
     def raw(as_name, content):
         return lambda folder, assets: ((folder / as_name).write_bytes(content), as_name)[1]
@@ -814,7 +815,7 @@ def test_what_the_workers_refuse_leaves_the_run_folder_alone(ray_session, tmp_pa
     earlier run in the run folder left as it was although --force was given."""
     table, edits, needle = case
     folder = new_folder(tmp_path)
-    data.write_table(table, str(folder / f"bad.{fmt}"), row_group_size=8)
+    tables.write_table(table, str(folder / f"bad.{fmt}"), row_group_size=8)
     job = base_job()
     job["data"]["path"] = f"bad.{fmt}"
     for key, value in edits.items():
@@ -899,8 +900,8 @@ def _bench(folder, assets):
     _file_in_the_way(folder)
     (folder / "odir.csv").mkdir()
     table = assets["table"]
-    data.write_table(table.set_column(1, "x1", pa.array(["red", "green", "blue"] * (ROWS // 3))), str(folder / "words.parquet"))
-    data.write_table(table.set_column(1, "x1", pa.array([[1.0, 2.0]] * ROWS)), str(folder / "lists.parquet"))
+    tables.write_table(table.set_column(1, "x1", pa.array(["red", "green", "blue"] * (ROWS // 3))), str(folder / "words.parquet"))
+    tables.write_table(table.set_column(1, "x1", pa.array([[1.0, 2.0]] * ROWS)), str(folder / "lists.parquet"))
 
 
 MADE = ["--set", "data.path=made.parquet", "--set"]
@@ -953,7 +954,7 @@ def _raw(folder, name, content):
 
 
 KNOWN_BUGS = {  # id -> setup(folder, assets) -> args; each was an internal error (or exit 0) and now exits 2 in one line
-    # distbp/model.py load_model catches OSError, ValueError, KeyError, JSONDecodeError only:
+    # distbp/run/model.py load_model catches OSError, ValueError, KeyError, JSONDecodeError only:
     "model-truncated-npz": lambda f, a: ["eval", _raw(f, "m.npz", (a["root"] / "model.npz").read_bytes()[:100]), "data.parquet"],  # BadZipFile
     "model-empty-file": lambda f, a: ["eval", _raw(f, "m.npz", b""), "data.parquet"],  # EOFError
     "model-is-an-npy": lambda f, a: ["eval", (np.save(f / "m.npy", np.zeros(3)), "m.npy")[1], "data.parquet"],  # ndarray is no context manager
@@ -970,7 +971,7 @@ KNOWN_BUGS = {  # id -> setup(folder, assets) -> args; each was an internal erro
     # distbp/cli.py data make --layers: int() unguarded
     "data-make-layers-text": lambda f, a: ["data", "make", "teacher", "--rows", "5", "--layers", "a,b", "-o", "x.csv"],
     "data-make-layers-empty-item": lambda f, a: ["data", "make", "teacher", "--rows", "5", "--layers", "3,,2", "-o", "x.csv"],
-    # distbp/plot.py
+    # distbp/run/plot.py
     "plot-out-is-a-folder": lambda f, a: ((f / "run").mkdir(), (f / "run" / "metrics.csv").write_text(GOOD_METRICS), (f / "pdir").mkdir(),
                                            ["plot", "run", "-o", "pdir"])[-1],  # IsADirectoryError, and pdir.tmp-<pid> made and removed
     "plot-ragged-row": lambda f, a: ((f / "run").mkdir(), (f / "run" / "metrics.csv").write_text("step,loss\n1,2,3\n"), ["plot", "run"])[-1],  # TypeError

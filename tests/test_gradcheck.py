@@ -1,6 +1,6 @@
 import numpy as np
 
-from distbp import gradcheck, nn
+from distbp.backprop import gradcheck, nn
 
 
 def test_gradcheck_passes_on_a_correct_engine_and_samples_large_layers():
@@ -12,7 +12,7 @@ def test_gradcheck_passes_on_a_correct_engine_and_samples_large_layers():
 
 def test_gradcheck_catches_a_wrong_derivative(monkeypatch):
     # Break tanh's derivative (drop the square): the check must notice.
-    from distbp import activations
+    from distbp.backprop import activations
 
     def wrong(self, a, delta, scratch):
         delta *= 1 - a

@@ -1,4 +1,4 @@
-"""Tests for distbp.job: the job-file schema, its defaults, its checks and its error messages."""
+"""Tests for distbp.data.job: the job-file schema, its defaults, its checks and its error messages."""
 
 import copy
 import os
@@ -12,15 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distbp.errors import JobError
-from distbp.job import (
-    Job,
-    apply_override,
-    job_error,
-    job_from_dict,
-    job_hash,
-    job_to_dict,
-    load_job,
-)
+from distbp.data.job import Job, apply_override, job_error, job_from_dict, job_hash, job_to_dict, load_job
 
 MINIMAL = {"data": {"path": "spirals.parquet"}, "model": {"layers": [2, 16, 3]}}
 
@@ -404,7 +396,7 @@ def test_job_hash_sees_through_spelling():
 # ---------------------------------------------------------------- imports
 
 def test_import_does_not_pull_in_heavy_modules():
-    code = ("import sys, distbp.job; bad = [m for m in ('ray', 'pyarrow', 'click') if m in sys.modules]; "
+    code = ("import sys, distbp.data.job; bad = [m for m in ('ray', 'pyarrow', 'click') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

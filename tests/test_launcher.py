@@ -29,7 +29,7 @@ import yaml
 
 import hosts as hostlib
 from conftest import model_arrays
-from distbp import blas
+from distbp.runtime import blas
 
 pytestmark = pytest.mark.launcher
 

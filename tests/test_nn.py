@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from distbp import nn
+from distbp.backprop import nn
 
 HIDDEN = ["sigmoid", "tanh", "relu", "leaky_relu", "identity"]
 PAIRS = [("softmax", "cross_entropy"), ("sigmoid", "binary_cross_entropy"), ("identity", "mse")]

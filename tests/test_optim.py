@@ -4,7 +4,7 @@ against values derived by hand (see the comments)."""
 import numpy as np
 import pytest
 
-from distbp import optim
+from distbp.backprop import optim
 
 HAND_DERIVED = {
     # w <- w - 0.1 * 2w = 0.8 w

@@ -1,4 +1,4 @@
-"""Tests for distbp.plot: a synthetic metrics.csv drawn into a PNG."""
+"""Tests for distbp.run.plot: a synthetic metrics.csv drawn into a PNG."""
 
 import csv
 import math
@@ -11,7 +11,7 @@ import pytest
 from distbp.errors import UsageError
 
 pytest.importorskip("matplotlib")
-from distbp.plot import plot_run  # noqa: E402
+from distbp.run.plot import plot_run  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -117,7 +117,7 @@ def test_without_matplotlib_the_error_says_how_to_install_it(tmp_path, monkeypat
 
 
 def test_importing_the_module_needs_no_matplotlib_ray_or_click():
-    code = ("import sys; sys.modules['matplotlib'] = None; import distbp.plot; "
+    code = ("import sys; sys.modules['matplotlib'] = None; import distbp.run.plot; "
             "print([m for m in ('ray', 'click', 'numpy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

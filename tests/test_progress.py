@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from distbp.progress import Progress, clock
+from distbp.run.progress import Progress, clock
 
 
 class Clock:

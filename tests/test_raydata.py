@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 import distbp
-from distbp import data
+from distbp.data import tables
 
 from conftest import model_arrays
 
@@ -19,7 +19,7 @@ def rows(make_job, tmp_path):
     job = make_job(name="rd", rows=300, train={"steps": 15, "optimizer": {"name": "adam", "lr": 0.02}}, data={"validation": 0.2})
     from distbp.api import load
 
-    source = data.open_source(load(job).data_path())
+    source = tables.open_source(load(job).data_path())
     table = source.read_rows(0, source.num_rows)
     pieces = [table.slice(0, 70), table.slice(70, 1), table.slice(71, 150), table.slice(221)]
     ds = ray.data.from_arrow(pieces).map_batches(lambda batch: batch, batch_format="pyarrow")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from distbp import checkpoint
+from distbp.run import checkpoint
 from distbp.api import load
 from distbp.cli import main
 from distbp.trainer import Trainer

@@ -13,10 +13,11 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import mean_squared_error, r2_score
 
-from distbp import api, data, faults
+from distbp import api, faults
+from distbp.data import tables, rowmath
 from distbp.api import load
 from distbp.cli import main
-from distbp.model import load_model
+from distbp.run.model import load_model
 from distbp.trainer import Trainer
 
 
@@ -45,7 +46,7 @@ def regression_data(path, rows=400, targets=2):
     x = rng.normal(size=(rows, 3)) * [1.0, 10.0, 0.1] + [0.0, 5.0, -2.0]
     ys = [np.sin(x[:, 0]) + 0.1 * x[:, 1], x[:, 2] * x[:, 0] * 5][:targets]
     table = pa.table({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], **{f"y{t}": y for t, y in enumerate(ys)}})
-    data.write_table(table, str(path))
+    tables.write_table(table, str(path))
     return x, np.column_stack(ys)
 
 
@@ -68,7 +69,7 @@ def test_regression_reports_rmse_and_r2_as_scikit_learn_computes_them(ray_sessio
             assert float(r["val_rmse"]) == pytest.approx(math.sqrt(2 * float(r["val_loss"]) / 2), rel=1e-12)
     model = load_model(result.model_path)
     x, y = regression_data(tmp_path / "again.parquet")
-    held_out = data.validation_mask(0, len(x), 0.25, load(job).seed)
+    held_out = rowmath.validation_mask(0, len(x), 0.25, load(job).seed)
     pred = model.predict(x)
     assert pred.shape == (400, 2)
     assert result.final["val_r2"] == pytest.approx(r2_score(y[held_out], pred[held_out], multioutput="variance_weighted"), rel=1e-9)
@@ -104,9 +105,9 @@ def test_one_regression_target_predicts_shape_rows(ray_session, make_job, tmp_pa
 def test_the_model_stores_the_training_rows_mean_and_std(ray_session, make_job, tmp_path):
     job = make_job(name="std", rows=300, data={"validation": 0.2})
     result = Trainer(load(job)).run()
-    source = data.open_source(load(job).data_path())
-    x = data.features_to_numpy(source.read_rows(0, 300), ["x0", "x1"], np.float64)
-    train = ~data.validation_mask(0, 300, 0.2, load(job).seed)
+    source = tables.open_source(load(job).data_path())
+    x = tables.features_to_numpy(source.read_rows(0, 300), ["x0", "x1"], np.float64)
+    train = ~rowmath.validation_mask(0, 300, 0.2, load(job).seed)
     with np.load(result.model_path) as z:
         assert z["x_mean"] == pytest.approx(x[train].mean(axis=0), rel=1e-12)
         assert z["x_std"] == pytest.approx(x[train].std(axis=0), rel=1e-12)  # population std of the training rows only
@@ -121,7 +122,7 @@ def test_predict_csv_quotes_only_what_needs_quotes(ray_session, make_job, tmp_pa
     rng = np.random.default_rng(0)
     x = rng.normal(size=(90, 2))
     names = np.array(["plain", "with, comma", 'with "quote"'])[(x[:, 0] > 0).astype(int) + (x[:, 1] > 1)]
-    data.write_table(pa.table({"x0": x[:, 0], "x1": x[:, 1], "label": names}), str(path))
+    tables.write_table(pa.table({"x0": x[:, 0], "x1": x[:, 1], "label": names}), str(path))
     job = make_job(name="names", data={"path": str(path)})
     result = Trainer(load(job)).run()
     out = tmp_path / "p.csv"
@@ -183,8 +184,8 @@ def test_resume_names_the_set_values_the_run_was_started_with(ray_session, make_
 def test_small_mistakes_get_a_line_that_names_what_was_given(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("not a model\n")
-    from distbp import nn
-    from distbp.model import Model
+    from distbp.backprop import nn
+    from distbp.run.model import Model
 
     spec = nn.Spec([2, 3], (), "softmax", "cross_entropy", "xavier", "float32")
     Model(spec, nn.init_params(spec, np.random.default_rng(0)), "classification", ["x0", "x1"], ["label"], [0, 1, 2]).save(str(tmp_path / "model.npz"))

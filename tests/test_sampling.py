@@ -1,4 +1,4 @@
-"""Tests for distbp.sampling: mini-batches as a pure function of (seed, epoch, index)."""
+"""Tests for distbp.data.sampling: mini-batches as a pure function of (seed, epoch, index)."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from distbp.sampling import batch_ordinals, epoch_and_index, in_range, permute, steps_per_epoch
+from distbp.data.sampling import batch_ordinals, epoch_and_index, in_range, permute, steps_per_epoch
 
 # n = 1, primes, powers of 2 and one past them (the Feistel domain just doubled)
 SIZES = [1, 2, 3, 5, 7, 8, 9, 13, 16, 17, 64, 65, 97, 1000, 1024, 1025, 4099]
@@ -75,7 +75,7 @@ def test_same_arguments_give_the_same_output():
     first = batch_ordinals(7, 3, 4, 100, 12345)
     again = batch_ordinals(7, 3, 4, 100, 12345)
     assert np.array_equal(first, again)
-    code = ("from distbp.sampling import batch_ordinals; "
+    code = ("from distbp.data.sampling import batch_ordinals; "
             "print(batch_ordinals(7, 3, 4, 100, 12345).tolist())")
     other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert other_process.stdout.strip() == str(first.tolist())
@@ -184,6 +184,6 @@ def test_batches_are_disjoint_where_cycle_walking_works_hardest():
 
 
 def test_imports_no_ray_or_click():
-    code = "import sys, distbp.sampling; print([m for m in ('ray', 'click') if m in sys.modules])"
+    code = "import sys, distbp.data.sampling; print([m for m in ('ray', 'click') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -22,7 +22,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from distbp import data
+from distbp.data import tables, rowmath, datasets
 from distbp.api import load
 from distbp.trainer import Trainer
 
@@ -253,7 +253,7 @@ def s3(tmp_path_factory):
     server = S3Server()
     env = aws_env(server.endpoint, tmp)
     local = tmp / "teacher.parquet"
-    data.write_table(data.make_dataset("teacher", 40_000, seed=1, layers=(32, 16, 10)), str(local), row_group_size=4096)
+    tables.write_table(datasets.make_dataset("teacher", 40_000, seed=1, layers=(32, 16, 10)), str(local), row_group_size=4096)
     with pytest.MonkeyPatch.context() as mp:  # only while uploading: the session's Ray must not inherit it
         for k, v in env.items():
             mp.setenv(k, v)
@@ -276,7 +276,7 @@ def test_s3_folders_and_globs_read_like_local_files(s3, monkeypatch):
     whole = pq.read_table(local).slice(0, 1500)
     options = f"?endpoint_override=127.0.0.1:{server.port}&scheme=http"  # options ride on every file
     for path in (f"s3://{BUCKET}/parts/*.parquet", f"s3://{BUCKET}/parts", f"s3://{BUCKET}/parts/*.parquet{options}"):
-        source = data.open_source(path)
+        source = tables.open_source(path)
         assert source.num_rows == 1500 and len(source.files) == 2
         assert all(f.startswith(f"s3://{BUCKET}/parts/part-") for f in source.files)
         assert all(f.endswith(options) == path.endswith(options) for f in source.files)
@@ -377,7 +377,7 @@ def test_workers_read_only_their_own_row_groups_from_s3_and_match_the_local_run(
             print(f"driver (pid {pid}): {requested} bytes requested, {sent} sent in {len(rs)} requests (footer)")
             continue
         owners = []
-        for k, (a, b) in enumerate(data.shard_ranges(meta.num_rows, 2)):
+        for k, (a, b) in enumerate(rowmath.shard_ranges(meta.num_rows, 2)):
             own = [extents[g] for g in shard_groups(meta, a, b)]
             if inside(ranges, own + [tail]) and all(covers(ranges, x, y) for x, y in own):
                 owners.append(k)

@@ -1,12 +1,12 @@
-"""Tests for distbp.schedule against the closed forms, worked out by hand (base lr 0.1)."""
+"""Tests for distbp.backprop.schedule against the closed forms, worked out by hand (base lr 0.1)."""
 
 import subprocess
 import sys
 
 import pytest
 
-from distbp.job import ScheduleCfg, job_from_dict
-from distbp.schedule import learning_rate
+from distbp.data.job import ScheduleCfg, job_from_dict
+from distbp.backprop.schedule import learning_rate
 
 BASE = 0.1
 
@@ -116,7 +116,7 @@ def test_bad_arguments():
 
 
 def test_imports_no_ray_numpy_or_click():
-    code = ("import sys, distbp.schedule; "
+    code = ("import sys, distbp.backprop.schedule; "
             "print([m for m in ('ray', 'click', 'numpy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

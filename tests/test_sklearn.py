@@ -15,7 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from distbp import data
+from distbp.data import tables
 from distbp.api import load
 from distbp.sklearn import MLPClassifier, MLPRegressor
 from distbp.trainer import Trainer
@@ -38,9 +38,9 @@ def test_breast_cancer_in_a_pipeline_scores_within_2_points_of_scikit_learn(ray_
 def test_fit_gives_the_bits_of_distbp_run_on_the_same_rows(ray_session, make_job, tmp_path):
     job = make_job(name="same", rows=300, train={"steps": 25, "optimizer": {"name": "adam", "lr": 0.02}}, cluster={"chunk_rows": 8192})
     result = Trainer(load(job)).run()
-    source = data.open_source(load(job).data_path())
+    source = tables.open_source(load(job).data_path())
     table = source.read_rows(0, source.num_rows)
-    X, y = data.features_to_numpy(table, ["x0", "x1"], np.float64), table.column("label").to_numpy()
+    X, y = tables.features_to_numpy(table, ["x0", "x1"], np.float64), table.column("label").to_numpy()
     clf = MLPClassifier(hidden_layer_sizes=(8, 8), activation="tanh", optimizer="sgd", lr=0.5, steps=5, dtype="float64", seed=3, workers=2)
     clf.set_params(optimizer="adam", lr=0.02, steps=25, output_dir=str(tmp_path / "fitted"))
     clf.fit(X, y)

@@ -13,7 +13,7 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from distbp import faults
 from distbp.api import load
-from distbp.outputs import RunOutputs
+from distbp.run.outputs import RunOutputs
 from distbp.trainer import Trainer
 
 

@@ -5,10 +5,11 @@ import glob
 import numpy as np
 import pytest
 
-from distbp import data, nn
+from distbp.backprop import nn
+from distbp.data import tables
 from distbp.api import load, spec_of as trainer_spec
-from distbp.checks import prepare
-from distbp.messages import COUNT, Order
+from distbp.data.checks import prepare
+from distbp.runtime.messages import COUNT, Order
 from distbp.trainer import Trainer
 
 from conftest import model_arrays
@@ -16,10 +17,10 @@ from conftest import model_arrays
 
 def single_process_mean_gradient(job, model, params):
     """The oracle: the whole table in one process, standardised with the run's statistics."""
-    source = data.open_source(job.data_path())
+    source = tables.open_source(job.data_path())
     table = source.read_rows(0, source.num_rows)
-    x = model.standardized(data.features_to_numpy(table, model.features, np.float64))
-    y = data.encode_labels(data.label_values(table, "label"), model.classes)
+    x = model.standardized(tables.features_to_numpy(table, model.features, np.float64))
+    y = tables.encode_labels(tables.label_values(table, "label"), model.classes)
     result = nn.grad_rows(model.spec, params, x, y)
     return result.grad / result.count
 

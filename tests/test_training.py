@@ -11,21 +11,22 @@ import pytest
 from click.testing import CliRunner
 
 import distbp
-from distbp import data, nn, sampling, schedule
+from distbp.backprop import nn, schedule
+from distbp.data import tables, rowmath, sampling
 from distbp.api import load
 from distbp.cli import main
-from distbp.checks import prepare
-from distbp.messages import Order
+from distbp.data.checks import prepare
+from distbp.runtime.messages import Order
 from distbp.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def whole_table(job, model):
-    source = data.open_source(job.data_path())
+    source = tables.open_source(job.data_path())
     table = source.read_rows(0, source.num_rows)
-    x = model.standardized(data.features_to_numpy(table, model.features, np.float64))
-    return x, data.encode_labels(data.label_values(table, "label"), model.classes)
+    x = model.standardized(tables.features_to_numpy(table, model.features, np.float64))
+    return x, tables.encode_labels(tables.label_values(table, "label"), model.classes)
 
 
 def rows(path):
@@ -106,7 +107,7 @@ def test_early_stopping_keeps_the_best_validation_weights(ray_session, make_job,
     rng = np.random.default_rng(5)
     x = rng.normal(size=(160, 2))
     label = np.where(rng.random(160) < 0.7, (x[:, 0] > 0).astype(int), rng.integers(0, 3, 160))  # 30% noise
-    data.write_table(pa.table({"x0": x[:, 0], "x1": x[:, 1], "label": label}), str(path))
+    tables.write_table(pa.table({"x0": x[:, 0], "x1": x[:, 1], "label": label}), str(path))
     job = load(make_job(
         name="early", data={"path": str(path), "validation": 0.5},
         model={"layers": [2, 64, 64, 3], "activation": "relu"},
@@ -120,11 +121,11 @@ def test_early_stopping_keeps_the_best_validation_weights(ray_session, make_job,
     best = min(got, key=lambda r: float(r["val_loss"]))
     assert int(got[-1]["step"]) == int(best["step"]) + 4 * 5  # patience evaluations after the best
     model = distbp.load_model(result.model_path)
-    source = data.open_source(str(path))
+    source = tables.open_source(str(path))
     whole = source.read_rows(0, source.num_rows)
-    held_out = data.validation_mask(0, source.num_rows, 0.5, job.seed)
-    x = data.features_to_numpy(whole, model.features, np.float64)[held_out]
-    y = data.encode_labels(data.label_values(whole, "label"), model.classes)[held_out]
+    held_out = rowmath.validation_mask(0, source.num_rows, 0.5, job.seed)
+    x = tables.features_to_numpy(whole, model.features, np.float64)[held_out]
+    y = tables.encode_labels(tables.label_values(whole, "label"), model.classes)[held_out]
     loss_sum, _ = nn.evaluate(model.spec, model.params, model.standardized(x), y)
     assert loss_sum / len(y) == pytest.approx(float(best["val_loss"]), rel=1e-9)
     assert loss_sum / len(y) < float(got[-1]["val_loss"])  # not the last weights
@@ -151,8 +152,8 @@ def test_python_api_train_and_load_model(ray_session, make_job):
     assert result.metrics.num_rows == 30 and "loss" in result.metrics.column_names
     assert result.last_row["step"] == 30 and os.path.exists(result.checkpoint_path)
     model = distbp.load_model(result.model_path)
-    source = data.open_source(load(make_job(rows=150, name="api")).data_path())
-    x = data.features_to_numpy(source.read_rows(0, 150), ["x0", "x1"], np.float64)
+    source = tables.open_source(load(make_job(rows=150, name="api")).data_path())
+    x = tables.features_to_numpy(source.read_rows(0, 150), ["x0", "x1"], np.float64)
     proba = model.predict_proba(x)
     assert proba.shape == (150, 3) and np.allclose(proba.sum(axis=1), 1)
     assert list(model.predict(x)) == list(np.array(model.classes)[proba.argmax(axis=1)])

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from distbp import checkpoint, faults
+from distbp import faults
+from distbp.run import checkpoint
 from distbp.api import load
 from distbp.cli import main
-from distbp.model import load_model
-from distbp.server import ParameterServer
+from distbp.run.model import load_model
+from distbp.runtime.server import ParameterServer
 from distbp.trainer import Trainer
 
 from conftest import model_arrays, wait_for_rows
@@ -128,7 +129,7 @@ def test_a_second_failure_during_recovery_is_recovered_too(ray_session, make_job
 # -- 5. the step guard ---------------------------------------------------------------------------
 def test_a_parameter_actor_never_applies_a_step_twice():
     from distbp.errors import TrainingError
-    from distbp.messages import Order, Sums, stats_vector
+    from distbp.runtime.messages import Order, Sums, stats_vector
 
     ps = ParameterServer(np.zeros(4), dict(name="sgd"), num_layers=1, layer_bounds=[(0, 0, 4)])
     grad, sums = np.ones(4), Sums(stats_vector(1.0, 2, 0, 0.0, np.zeros(1)), None)
@@ -201,37 +202,38 @@ def test_a_second_signal_stops_at_once_with_its_own_exit_code(make_job, tmp_path
 # -- 8. training and prediction agree ---------------------------------------------------------
 def test_predict_standardises_like_the_workers_bit_for_bit(ray_session, make_job, tmp_path):
     """A float32 model: predict casts to float32 first, then standardises, as the workers do."""
-    from distbp import data
+    from distbp.data import tables
     from distbp.api import spec_of
-    from distbp.workers import ShardPlan, ShardWorker
+    from distbp.runtime.workers import ShardPlan, ShardWorker
 
     job_path = make_job(name="w8", rows=300, model={"layers": [2, 8, 3], "dtype": "float32"}, train={"steps": 3})
     result = Trainer(load(job_path)).run()
     model = load_model(result.model_path)
     job = load(job_path)
-    source = data.open_source(job.data_path())
+    source = tables.open_source(job.data_path())
     plan = ShardPlan(0, source, 0, source.num_rows, ("x0", "x1"), ("label",), "classification", spec_of(job), 1024, 1, job.seed)
     worker = ShardWorker(plan, [(0, model.spec.num_params)])
     worker.load()
     worker.prepare(model.classes, model.x_mean, model.x_std)
     x_worker = worker.sets["train"][0]
     table = source.read_rows(0, source.num_rows)
-    x_raw = data.features_to_numpy(table, ["x0", "x1"], np.float64)
+    x_raw = tables.features_to_numpy(table, ["x0", "x1"], np.float64)
     assert np.array_equal(model.standardized(x_raw), x_worker)
-    from distbp import nn
+    from distbp.backprop import nn
 
     assert np.array_equal(model.predict_proba(x_raw), nn.predict(model.spec, model.params, x_worker))
 
 
 # -- 9. validation is a forward pass only ------------------------------------------------------
 def test_validation_rows_never_go_through_backprop(make_job, monkeypatch):
-    from distbp import data, nn
+    from distbp.backprop import nn
+    from distbp.data import tables
     from distbp.api import spec_of
-    from distbp.messages import Order
-    from distbp.workers import ShardPlan, ShardWorker
+    from distbp.runtime.messages import Order
+    from distbp.runtime.workers import ShardPlan, ShardWorker
 
     job = load(make_job(name="w9", rows=200, data={"validation": 0.25}))
-    source = data.open_source(job.data_path())
+    source = tables.open_source(job.data_path())
     spec = spec_of(job)
     plan = ShardPlan(0, source, 0, 200, ("x0", "x1"), ("label",), "classification", spec, 64, 1, job.seed, validation_fraction=0.25)
     worker = ShardWorker(plan, [(0, spec.num_params)])

@@ -15,7 +15,7 @@ Uses the `onnx` package (the `onnx` extra); opset 17, IR version 8, so any ONNX 
 
 import numpy as np
 
-from .errors import UsageError
+from distbp.errors import UsageError
 
 OPSET = 17
 IR_VERSION = 8
@@ -35,8 +35,8 @@ def to_onnx(model):
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
-    from .activations import ACTIVATIONS
-    from .nn import views
+    from distbp.backprop.activations import ACTIVATIONS
+    from distbp.backprop.nn import views
 
     spec, dtype = model.spec, model.spec.np_dtype
     elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.DOUBLE
@@ -103,8 +103,8 @@ def export(model_path, out_path):
     """Write the ONNX file of a model.npz (atomically); returns the Model."""
     import os
 
-    from .checkpoint import atomic_write
-    from .model import load_model
+    from distbp.run.checkpoint import atomic_write
+    from distbp.run.model import load_model
 
     model = load_model(model_path)
     if not str(out_path).endswith(".onnx"):

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import nn
-from .checkpoint import atomic_savez
-from .errors import DataError, UsageError
+from distbp.backprop import nn
+from distbp.errors import DataError, UsageError
+from distbp.run.checkpoint import atomic_savez
 
 FORMAT_VERSION = 1
 

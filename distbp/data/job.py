@@ -24,12 +24,12 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from distbp import activations as _activations
-from distbp import datasets as _datasets
-from distbp import losses as _losses
-from distbp import nn as _nn
-from distbp import optim as _optim
-from distbp import schedule as _schedule
+from distbp.backprop import activations as _activations
+from distbp.backprop import losses as _losses
+from distbp.backprop import nn as _nn
+from distbp.backprop import optim as _optim
+from distbp.backprop import schedule as _schedule
+from distbp.data import datasets as _datasets
 from distbp.errors import JobError
 
 # Every name a key accepts comes from the one registry of the module that implements it.

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .messages import DELTAS, Order, Sums
+from distbp.runtime.messages import DELTAS, Order, Sums
 
 ORDER = struct.Struct("<qd??q")  # step (0 = end of window), lr, evaluate, keep, rows
 HELLO = struct.Struct("<q32s")  # worker rank, the run's secret

@@ -7,10 +7,11 @@ from collections import deque
 
 import numpy as np
 
-from . import link, optim, shm
-from .errors import TrainingError
-from .messages import COUNT, LOSS, StepInfo, add_sums
-from .text import count
+from distbp.backprop import optim
+from distbp.errors import TrainingError
+from distbp.runtime import link, shm
+from distbp.runtime.messages import COUNT, LOSS, StepInfo, add_sums
+from distbp.text import count
 
 RECENT = 512  # StepInfos kept for the driver to read after a failure: more than a window
 

@@ -7,7 +7,7 @@ for the two classification pairs and a float matrix (rows, n_out) for regression
 
 import numpy as np
 
-from .activations import sigmoid
+from distbp.backprop.activations import sigmoid
 
 
 class Loss:

@@ -11,8 +11,8 @@ import socket
 import time
 from urllib.parse import urlsplit
 
-from .errors import ConnectError, UsageError
-from .text import count
+from distbp.errors import ConnectError, UsageError
+from distbp.text import count
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 

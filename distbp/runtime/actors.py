@@ -8,14 +8,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import blas, cluster, data, faults, nn, sampling
-from .checks import check_validation_rows, merge_summaries
-from .errors import DistbpError, TrainingError, UsageError
-from .link import LinkError
-from .messages import add_sums
-from .server import ParameterServer
-from .workers import ShardPlan, ShardWorker
-from .text import count
+from distbp import faults
+from distbp.backprop import nn
+from distbp.data import rowmath, sampling
+from distbp.data.checks import check_validation_rows, merge_summaries
+from distbp.errors import DistbpError, TrainingError, UsageError
+from distbp.runtime import blas, cluster
+from distbp.runtime.link import LinkError
+from distbp.runtime.messages import add_sums
+from distbp.runtime.server import ParameterServer
+from distbp.runtime.workers import ShardPlan, ShardWorker
+from distbp.text import count
 
 CONTROL = "control"  # a concurrency group of its own: pings answer while a step computes
 
@@ -71,7 +74,7 @@ class Actors:
         self.phases = phases if phases is not None else {}
         self.log = log or (lambda msg: None)
         self.blas = []  # by rank: what each worker's bits depend on (blas.describe, with rank and node)
-        self.slices = data.shard_ranges(self.spec.num_params, job.cluster.parameter_servers)
+        self.slices = rowmath.shard_ranges(self.spec.num_params, job.cluster.parameter_servers)
         self.bounds = [nn.slice_layers(self.spec, a, b) for a, b in self.slices]
         self.plans = self._plans(job.cluster.workers)
         self.workers, self.servers = [], []
@@ -80,7 +83,7 @@ class Actors:
     def _plans(self, K):
         """One ShardPlan per worker rank when the rows are split over K workers."""
         job, prep = self.job, self.prep
-        ranges = data.shard_ranges(prep.source.num_rows, K)
+        ranges = rowmath.shard_ranges(prep.source.num_rows, K)
         val_ranges = [(0, 0)] * K
         if prep.validation_source is not None:
             n = prep.validation_source.num_rows

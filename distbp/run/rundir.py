@@ -7,8 +7,8 @@ import shutil
 
 import yaml
 
-from . import faults
-from .errors import UsageError
+from distbp import faults
+from distbp.errors import UsageError
 
 RUN_FILES = ("job.yaml", "metrics.csv", "model.npz", "checkpoints", "plot.png", "tb", "environment.json")
 

@@ -27,7 +27,7 @@ actors (Ray's own report of which died) and calls `rebuild`.
 import os
 import secrets
 
-from .errors import UsageError
+from distbp.errors import UsageError
 
 WINDOW_S = 0.25  # a direct window's target length: progress rows and signals are this fresh
 MAX_WINDOW = 256
@@ -61,7 +61,7 @@ class TaskEngine:
         return [self._submit(order) for order in orders]
 
     def collect(self, handle):
-        from .actors import get
+        from distbp.runtime.actors import get
 
         return [get(refs) for refs in handle]
 
@@ -81,7 +81,7 @@ class DirectEngine:
 
     def rebuild(self):
         """(Re)open every link: each parameter actor listens, each worker connects to all."""
-        from .actors import get
+        from distbp.runtime.actors import get
 
         self.close()
         workers, servers = self.actors.workers, self.actors.servers
@@ -102,7 +102,7 @@ class DirectEngine:
         return serving, [s.run.remote(orders) for s in self.actors.servers]
 
     def collect(self, handle):
-        from .actors import get
+        from distbp.runtime.actors import get
 
         serving, running = handle
         try:
@@ -118,8 +118,8 @@ class DirectEngine:
         worker's own error when that, not a lost link, was the cause."""
         import ray
 
-        from .link import LinkError
-        from .actors import unwrap
+        from distbp.runtime.actors import unwrap
+        from distbp.runtime.link import LinkError
 
         ray.wait(serving, num_returns=len(serving), timeout=5)
         for ref in serving:
@@ -139,7 +139,7 @@ class DirectEngine:
         """Close every link (from each actor's control thread, so a blocked serve wakes up)."""
         import ray
 
-        from .actors import CONTROL
+        from distbp.runtime.actors import CONTROL
 
         refs = [a.disconnect.options(concurrency_group=CONTROL).remote() for a in self.actors.workers + self.actors.servers]
         ray.wait(refs, num_returns=len(refs), timeout=10)

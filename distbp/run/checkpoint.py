@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UsageError
+from distbp.errors import UsageError
 
 _NAME = re.compile(r"^step-(\d{9})\.npz$")
 

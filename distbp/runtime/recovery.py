@@ -10,10 +10,11 @@ the next step, so each step's gradient is still the sum over exactly its rows.""
 
 import numpy as np
 
-from . import faults, nn
-from .actors import Start, get, ping, recoverable
-from .errors import TrainingError
-from .text import count
+from distbp import faults
+from distbp.backprop import nn
+from distbp.errors import TrainingError
+from distbp.runtime.actors import Start, get, ping, recoverable
+from distbp.text import count
 
 DEAD_AFTER_S = 60  # an actor that does not answer a control-group ping this long counts as lost
 # Growing back: once Ray reports free CPUs, how long new workers may take to start. Longer than
@@ -71,7 +72,7 @@ class Recovery:
             self._count(f"worker {k} lost ({first})")
             self.log(f"warning: worker {k} lost; starting a replacement ({self.replacements} of at most {self.job.cluster.max_failures})")
             if faults.armed("recovery"):  # a second failure, while this one is being handled
-                from .actors import kill
+                from distbp.runtime.actors import kill
 
                 kill(self.actors.workers[(k + 1) % len(self.actors.workers)])
             if gone or not self.actors.replace_worker(k, wait_s):  # after one found no room, none will

@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import activations as _activations
-from . import losses as _losses
+from distbp.backprop import activations as _activations
+from distbp.backprop import losses as _losses
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .errors import DataError
+from distbp.errors import DataError
 
 LABEL = "<ray dataset>"
 
@@ -36,7 +36,7 @@ class BlockSource:
         """Rows [start, stop), fetched from the blocks that overlap them."""
         import ray
 
-        from .data import read_plan
+        from distbp.data.tables import read_plan
 
         columns, target = read_plan(self, start, stop, columns)
         wanted, first = [], 0

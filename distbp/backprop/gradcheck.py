@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import nn
+from distbp.backprop import nn
 
 TOLERANCE = 1e-6
 

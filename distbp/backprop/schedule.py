@@ -16,7 +16,7 @@ number of optimizer steps. With W = warmup_steps and base = the optimizer's lr:
     Steps past total_steps (a resumed run asked for more) stay at min_lr.
 
 `schedule=None` is the constant learning rate with no warm-up. The schedule object only needs
-the attributes of `distbp.job.ScheduleCfg`: name, warmup_steps, gamma, every, min_lr.
+the attributes of `distbp.data.job.ScheduleCfg`: name, warmup_steps, gamma, every, min_lr.
 """
 
 from __future__ import annotations

@@ -28,12 +28,16 @@ NEEDS_FLAGS = {
 def describe():
     """{'library', 'version', 'kernel', 'threads'} of the BLAS numpy uses in this process
     (library None when threadpoolctl finds none)."""
-    import numpy  # noqa: F401 (loads the BLAS that threadpoolctl then reports)
+    import numpy
 
     blas = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     if not blas:
         return {"library": None, "version": None, "kernel": None, "threads": None}
-    info = blas[0]
+    # scipy (scikit-learn) loads an OpenBLAS of its own beside numpy's: report numpy's, the one
+    # that runs the matrix products, found by where it lies (else the first one loaded).
+    here = os.path.dirname(numpy.__file__)
+    ours = (here + os.sep, os.path.join(os.path.dirname(here), "numpy.libs") + os.sep)
+    info = next((i for i in blas if str(i.get("filepath", "")).startswith(ours)), blas[0])
     return {"library": info.get("internal_api"), "version": info.get("version"),
             "kernel": info.get("architecture"), "threads": info.get("num_threads")}
 

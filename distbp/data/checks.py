@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import data, nn
-from .errors import UsageError
-from .job import job_error
-from .text import count
+from distbp.backprop import nn
+from distbp.data import datasets, rowmath, tables
+from distbp.data.job import job_error
+from distbp.errors import UsageError
+from distbp.text import count
 
 
 @dataclass
@@ -31,9 +32,9 @@ def ensure_data(job, log):
     path = job.data_path()
     if job.data.make and path and "://" not in path and not os.path.exists(path):
         options = {k: v for k, v in job.data.make.items() if k not in ("kind", "rows")}
-        table = data.make_dataset(job.data.make["kind"], job.data.make.get("rows"), seed=job.seed, **options)
-        _check_source(job, data.TableSource(path, job.data.format, (path,), (table.num_rows,), table.schema))
-        data.write_table(table, path)
+        table = datasets.make_dataset(job.data.make["kind"], job.data.make.get("rows"), seed=job.seed, **options)
+        _check_source(job, tables.TableSource(path, job.data.format, (path,), (table.num_rows,), table.schema))
+        tables.write_table(table, path)
         log(f"made {job.data.make['kind']} data: {count(table.num_rows, 'row')} -> {path}")
 
 
@@ -44,12 +45,12 @@ def prepare(job, source=None):
         return _check_source(job, source)
     if not job.data_path():
         raise job_error(job, "data.path", "no data file given")
-    return _check_source(job, data.open_source(job.data_path(), job.data.format))
+    return _check_source(job, tables.open_source(job.data_path(), job.data.format))
 
 
 def _check_source(job, source):
     """The checks of `prepare` on a described table (on storage, or made and not yet written)."""
-    features, labels = data.select_columns(source, job.data.features, job.data.labels, job.data.task)
+    features, labels = tables.select_columns(source, job.data.features, job.data.labels, job.data.task)
     if job.cluster.workers > source.num_rows:
         raise job_error(job, "cluster.workers", f"more workers ({job.cluster.workers}) than rows ({source.num_rows}) in {job.data_path()}")
     if job.model.layers[0] != len(features):
@@ -58,8 +59,8 @@ def _check_source(job, source):
         raise job_error(job, "model.layers[-1]", f"expected {len(labels)} (the number of label columns), got {job.model.layers[-1]}")
     val_source = None
     if job.validation_path():
-        val_source = data.open_source(job.validation_path(), job.data.format, key="data.validation")
-        data.select_columns(val_source, features, labels, job.data.task)
+        val_source = tables.open_source(job.validation_path(), job.data.format, key="data.validation")
+        tables.select_columns(val_source, features, labels, job.data.task)
     return Prepared(spec_of(job), source, features, labels, val_source)
 
 
@@ -92,7 +93,7 @@ def merge_summaries(job, prep, summaries):
             raise job_error(job, "model.layers[-1]", f"expected {width} (the number of classes in '{prep.labels[0]}'), got {job.model.layers[-1]}")
     mean = std = None
     if job.data.standardize:
-        mean, std = data.merge_moments([s["moments"] for s in summaries])
+        mean, std = rowmath.merge_moments([s["moments"] for s in summaries])
     return classes, mean, std, n_train
 
 

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import blas, checkpoint, faults, rundir
-from .errors import TrainingError, UsageError
-from .job import job_hash, job_to_dict
-from .messages import CORRECT, COUNT, DELTAS, LOSS, figures, layer_norms
-from .text import count
+from distbp import faults
+from distbp.data.job import job_hash, job_to_dict
+from distbp.errors import TrainingError, UsageError
+from distbp.run import checkpoint, rundir
+from distbp.runtime import blas
+from distbp.runtime.messages import CORRECT, COUNT, DELTAS, LOSS, figures, layer_norms
+from distbp.text import count
 
 
 @dataclass
@@ -274,7 +276,7 @@ class RunOutputs:
         """plot.png of the run's curves (unless output.plot is false)."""
         if not self.job.output.plot:
             return None
-        from .plot import plot_run
+        from distbp.run.plot import plot_run
 
         try:
             return plot_run(self.out_dir)

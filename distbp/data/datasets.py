@@ -1,15 +1,15 @@
 """Synthetic and fixed data sets as pyarrow tables: float features x0, x1, ... and a `label` column.
 
 Every set is deterministic given its seed (numpy.random.default_rng). `make_dataset` is the
-one entry point; `distbp.data.write_table` puts a table on disk. numpy and pyarrow only;
+one entry point; `distbp.data.tables.write_table` puts a table on disk. numpy and pyarrow only;
 scikit-learn is imported only for `digits`.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from distbp.errors import DataError
 

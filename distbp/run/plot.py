@@ -128,7 +128,9 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     # a temporary file in the same folder, then a rename: a reader never sees half a PNG
     if not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
         raise UsageError(f"{out_path}: the folder does not exist")
-    from distbp.checkpoint import atomic_write  # here: importing this module loads no numpy
+    from distbp.run.checkpoint import (
+        atomic_write,  # here: importing this module loads no numpy
+    )
 
     atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=110))
     return out_path

@@ -76,11 +76,11 @@ class Progress:
         self.next_mark = self._mark_after(done)
         if self.quiet or not self.terminal:
             return
-        from tqdm import tqdm
-
         # smoothing=0: steps/s over the whole of this process's run, not a moving average of
         # the gaps between rows (which come in bursts: a window of steps at a time)
         import shutil
+
+        from tqdm import tqdm
 
         sized = shutil.get_terminal_size((0, 0)).columns > 0  # some terminals (script, CI runners) give no size
         self.bar = tqdm(

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import blas, data, faults, nn, sampling
-from . import link, shm
-from .errors import UsageError
-from .messages import Sums, stats_vector
+from distbp import faults
+from distbp.backprop import nn
+from distbp.data import rowmath, sampling, tables
+from distbp.errors import UsageError
+from distbp.runtime import blas, link, shm
+from distbp.runtime.messages import Sums, stats_vector
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,7 @@ class ShardPlan:
     """Everything a worker needs to load its shard; small and picklable."""
 
     rank: int
-    source: object  # data.TableSource
+    source: object  # tables.TableSource
     start: int
     stop: int
     features: tuple
@@ -87,14 +89,14 @@ class ShardWorker:
     def _read(self, source, start, stop):
         """(label columns, features (rows, n_0) in the model's dtype): the only copy kept."""
         table = source.read_rows(start, stop, columns=[*self.plan.features, *self.plan.labels])
-        x = data.features_to_numpy(table, list(self.plan.features), self.plan.spec.np_dtype)
+        x = tables.features_to_numpy(table, list(self.plan.features), self.plan.spec.np_dtype)
         return table.select(list(self.plan.labels)), x
 
     def _checked_values(self, table, x):
         """The values whose NaN or inf must be caught: the features, plus regression targets."""
         if self.plan.task != "regression":
             return x
-        return np.hstack([x, data.targets_to_numpy(table, list(self.plan.labels), np.float64)])
+        return np.hstack([x, tables.targets_to_numpy(table, list(self.plan.labels), np.float64)])
 
     def load(self, plan=None):
         """Read the shard (that of `plan` instead, when the rows are resharded: it replaces
@@ -107,7 +109,7 @@ class ShardWorker:
         table, x = self._read(p.source, p.start, p.stop)
         parts = {"train": (table, x)}
         if p.validation_fraction:
-            is_val = data.validation_mask(p.start, p.stop, p.validation_fraction, p.seed)
+            is_val = rowmath.validation_mask(p.start, p.stop, p.validation_fraction, p.seed)
             parts = {"train": (table.filter(~is_val), x[~is_val]), "val": (table.filter(is_val), x[is_val])}
         elif p.validation_source is not None:
             parts["val"] = self._read(p.validation_source, *p.validation_range)
@@ -115,16 +117,16 @@ class ShardWorker:
         for name, (tab, xs) in parts.items():
             values = self._checked_values(tab, xs)
             origin = "validation" if name == "val" and p.validation_source is not None else "data"
-            summary["nonfinite"][origin] = summary["nonfinite"].get(origin, 0) + data.nonfinite_counts(values)
+            summary["nonfinite"][origin] = summary["nonfinite"].get(origin, 0) + rowmath.nonfinite_counts(values)
             if p.on_nan == "drop":
-                keep = data.finite_row_mask(values)
+                keep = rowmath.finite_row_mask(values)
                 summary["dropped"] += int(len(keep) - keep.sum())
                 tab, xs = tab.filter(keep), xs[keep]
             self.raw[name] = (tab, xs)
             summary["rows"][name] = len(xs)
             if p.task == "classification":
-                summary["labels"] = sorted(set(summary["labels"]) | set(data.unique_labels(data.label_values(tab, p.labels[0]))))
-        summary["moments"] = data.shard_moments(self.raw["train"][1])
+                summary["labels"] = sorted(set(summary["labels"]) | set(tables.unique_labels(tables.label_values(tab, p.labels[0]))))
+        summary["moments"] = rowmath.shard_moments(self.raw["train"][1])
         return summary
 
     def prepare(self, classes, mean, std, offset=0, n_train=0):
@@ -140,9 +142,9 @@ class ShardWorker:
                 x /= std.astype(dtype)
             x = np.ascontiguousarray(x, dtype=dtype)
             if p.task == "classification":
-                y = data.encode_labels(data.label_values(tab, p.labels[0]), classes)
+                y = tables.encode_labels(tables.label_values(tab, p.labels[0]), classes)
             else:
-                y = np.ascontiguousarray(data.targets_to_numpy(tab, list(p.labels), dtype))
+                y = np.ascontiguousarray(tables.targets_to_numpy(tab, list(p.labels), dtype))
             self.sets[name] = (x, y)
         self.raw = {}
         rows = min(p.chunk_rows, max(len(self.sets["train"][0]), 1))
