@@ -264,21 +264,21 @@ class Trainer:
             return True
         return False
 
-    def _checkpoint(self, step, done):
-        params, opt_state, best = self.actors.snapshot()
-        meta = self.stopper.state() if self.stopper is not None else None
-        return self.outputs.checkpoint(step, params, opt_state, None if meta is None or best is None else (meta, best), done, len(self.workers))
+    def _checkpoint(self, step, done, snap=None):
+        snap = snap or self.actors.snapshot()
+        record = self.stopper.state() if self.stopper is not None else None
+        return self.outputs.checkpoint(step, snap, record, done, len(self.workers))
 
     def _finish(self, step, row, early):
         """model.npz first, then the checkpoint marked done: a run that --resume calls
         finished always has its model."""
-        params, _, best = self.actors.snapshot()
-        best_step = self.stopper.step if self.stopper is not None and best is not None else None
-        saved = params if best_step is None else best
+        snap = self.actors.snapshot()
+        best_step = self.stopper.step if self.stopper is not None and snap.best_params is not None else None
+        saved = snap.params if best_step is None else snap.best_params
         final = self._final(saved, row)
         self.outputs.write_model(self.model, saved)
         faults.hit("model_written")
-        path = self._checkpoint(step, done=True)
+        path = self._checkpoint(step, done=True, snap=snap)
         self.outputs.finish(self.phases)
         return RunResult(
             self.outputs.where(""), self.outputs.where("model.npz"), path, step, final, resumed_from=self.resumed_from,

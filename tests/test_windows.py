@@ -244,5 +244,5 @@ def test_validation_rows_never_go_through_backprop(make_job, monkeypatch):
     monkeypatch.setattr(nn, "grad_rows", lambda spec, params, x, *a, **k: seen.append(len(x)) or real(spec, params, x, *a, **k))
     params = nn.init_params(spec, np.random.default_rng(0))
     *_, sums = worker.step(Order(1, 0.1, True, False), params)
-    assert seen == [summary["rows"]["train"]]  # backprop over the training rows only
-    assert sums.val is not None and sums.val[1] == summary["rows"]["val"] > 0
+    assert seen == [summary.rows["train"]]  # backprop over the training rows only
+    assert sums.val is not None and sums.val[1] == summary.rows["val"] > 0

@@ -71,20 +71,20 @@ def spec_of(job):
 
 
 def merge_summaries(job, prep, summaries):
-    """Turn the workers' shard summaries into classes and standardisation statistics."""
+    """Turn the workers' ShardSummary tuples into classes and standardisation statistics."""
     columns = prep.features + (prep.labels if job.data.task == "regression" else [])
     for origin, path in (("data", prep.source.path), ("validation", job.validation_path())):
-        counts = sum(s["nonfinite"].get(origin, 0) for s in summaries)
+        counts = sum(s.nonfinite.get(origin, 0) for s in summaries)
         if job.data.on_nan == "error" and np.any(counts):
             bad = [f"'{c}' ({n})" for c, n in zip(columns, counts) if n]
             raise UsageError(
                 f"{path}: NaN or inf values in column {', '.join(bad)}",
                 hint="clean the data or set data.on_nan: drop to skip those rows",
             )
-    n_train = sum(s["rows"]["train"] for s in summaries)
+    n_train = sum(s.rows["train"] for s in summaries)
     if n_train < job.cluster.workers:
         raise job_error(job, "cluster.workers", f"more workers ({job.cluster.workers}) than training rows ({n_train})")
-    classes = sorted(set().union(*(s["labels"] for s in summaries)), key=lambda c: (str(type(c)), c))
+    classes = sorted(set().union(*(s.labels for s in summaries)), key=lambda c: (str(type(c)), c))
     if job.data.task == "classification":
         width = 1 if job.model.output == "sigmoid" else len(classes)
         if job.model.output == "sigmoid" and len(classes) != 2:
@@ -93,7 +93,7 @@ def merge_summaries(job, prep, summaries):
             raise job_error(job, "model.layers[-1]", f"expected {width} (the number of classes in '{prep.labels[0]}'), got {job.model.layers[-1]}")
     mean = std = None
     if job.data.standardize:
-        mean, std = rowmath.merge_moments([s["moments"] for s in summaries])
+        mean, std = rowmath.merge_moments([s.moments for s in summaries])
     return classes, mean, std, n_train
 
 

@@ -49,6 +49,9 @@ def atomic_write(path, write):
         os.close(dir_fd)
 
 
+OPT = "opt_"  # a checkpoint file's optimizer-state arrays are stored under this prefix
+
+
 @dataclass
 class Checkpoint:
     step: int
@@ -74,7 +77,7 @@ def save(folder, ckpt, keep=3):
     }
     if ckpt.best is not None:
         arrays["best"], arrays["best_params"] = ckpt.best, ckpt.best_params
-    arrays.update({f"opt_{k}": v for k, v in ckpt.opt_state.items()})
+    arrays.update({OPT + k: v for k, v in ckpt.opt_state.items()})
     path = os.path.join(folder, f"step-{ckpt.step:09d}.npz")
     atomic_savez(path, arrays)
     for old in list_steps(folder)[:-keep]:
@@ -96,7 +99,7 @@ def load(path):
             return Checkpoint(
                 step=int(z["step"]),
                 params=z["params"],
-                opt_state={k[4:]: z[k] for k in z.files if k.startswith("opt_")},
+                opt_state={k.removeprefix(OPT): z[k] for k in z.files if k.startswith(OPT)},
                 job_hash=str(z["job_hash"]),
                 seed=int(z["seed"]),
                 finished=bool(z["finished"]),

@@ -205,12 +205,16 @@ class RunOutputs:
             self._scalars(row)
         return row
 
-    def checkpoint(self, step, params, opt_state, best, done, workers):
-        """Write a checkpoint of `step` (and upload it with its marker); returns where it is.
-        `workers`: the worker count that computed it (an elastic run's may be below cluster.workers)."""
+    def checkpoint(self, step, snap, best, done, workers):
+        """Write a checkpoint of `step` from `snap` (the parameter actors' Snapshot) and `best`
+        (the early-stopping record, or None), and upload it with its marker; returns where it
+        is. `workers`: the worker count that computed it (an elastic run's may be below
+        cluster.workers)."""
         faults.hit("checkpoint_slow", step)
-        best_meta, best_params = (None, None) if best is None else best
-        ckpt = checkpoint.Checkpoint(step, params, opt_state, job_hash(self.job), self.job.seed, done, workers, best_meta, best_params)
+        if best is None or snap.best_params is None:
+            best = None
+        ckpt = checkpoint.Checkpoint(step, snap.params, snap.opt_state, job_hash(self.job), self.job.seed, done, workers,
+                                     best, None if best is None else snap.best_params)
         try:
             faults.hit("checkpoint_write", step)  # tests: a full disk, here
             path = checkpoint.save(self.ckpt_dir, ckpt, self.job.train.keep_checkpoints)

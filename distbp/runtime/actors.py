@@ -15,7 +15,7 @@ from distbp.data.checks import check_validation_rows, merge_summaries
 from distbp.errors import DistbpError, TrainingError, UsageError
 from distbp.runtime import blas, cluster
 from distbp.runtime.link import LinkError
-from distbp.runtime.messages import add_sums
+from distbp.runtime.messages import Snapshot, add_sums
 from distbp.runtime.server import ParameterServer
 from distbp.runtime.workers import ShardPlan, ShardWorker
 from distbp.text import count
@@ -63,7 +63,7 @@ class Start:
     params: np.ndarray
     opt_state: dict | None = None
     step: int = 0
-    best: np.ndarray | None = None
+    best_params: np.ndarray | None = None
 
 
 class Actors:
@@ -119,7 +119,7 @@ class Actors:
         self.phases["actor_start"] = time.perf_counter() - t
         t = time.perf_counter()
         summaries = get([w.load.remote() for w in self.workers])
-        self.blas = [s["blas"] for s in summaries]
+        self.blas = [s.blas for s in summaries]
         self.classes, mean, std, self.n_train = merge_summaries(job, self.prep, summaries)
         self.mean, self.std = mean, std
         rows = self._prepare(summaries)
@@ -134,7 +134,7 @@ class Actors:
     def _prepare(self, summaries):
         """Encode every worker's loaded shard; each learns where its training rows start among
         all of them (their ordinals pick the rows of a mini-batch). Returns the row counts."""
-        offsets = np.cumsum([0] + [s["rows"]["train"] for s in summaries])
+        offsets = np.cumsum([0] + [s.rows["train"] for s in summaries])
         self.prepare_args = [(self.classes, self.mean, self.std, int(offsets[k]), self.n_train) for k in range(len(self.workers))]
         return get([w.prepare.remote(*args) for w, args in zip(self.workers, self.prepare_args)])
 
@@ -157,7 +157,7 @@ class Actors:
         self.servers = [
             cls.remote(
                 start.params[a:b], kwargs, slice_state(start.opt_state, a, b, size), bounds, start.step,
-                None if start.best is None else start.best[a:b], self.spec.num_layers,
+                None if start.best_params is None else start.best_params[a:b], self.spec.num_layers,
             )
             for (a, b), bounds in zip(self.slices, self.bounds)
         ]
@@ -176,14 +176,13 @@ class Actors:
         get([s.promote.remote(step) for s in self.servers])
 
     def snapshot(self):
-        """(params, optimizer state, best weights or None) gathered from the parameter actors."""
+        """The Snapshot of the whole vector, joined from the parameter actors' slices."""
         if faults.armed("snapshot"):
             kill(self.servers[0])
         snaps = get([s.snapshot.remote() for s in self.servers])
-        params = np.concatenate([s["params"] for s in snaps])
-        opt_state = join_state([{k[4:]: v for k, v in s.items() if k.startswith("opt_")} for s in snaps], params.size)
-        best = np.concatenate([s["best"] for s in snaps]) if all("best" in s for s in snaps) else None
-        return params, opt_state, best
+        params = np.concatenate([s.params for s in snaps])
+        best = None if any(s.best_params is None for s in snaps) else np.concatenate([s.best_params for s in snaps])
+        return Snapshot(params, join_state([s.opt_state for s in snaps], params.size), best)
 
     def evaluate(self, params):
         """(train, val) stats vectors of `params` over every training and validation row,
@@ -202,7 +201,7 @@ class Actors:
         if not placed([worker], wait_s):
             return False
         if not self.reshard_due:  # else `reshard` gives it its rows with everyone else's
-            self._note_blas([get(worker.load.remote())["blas"]])
+            self._note_blas([get(worker.load.remote()).blas])
             get(worker.prepare.remote(*self.prepare_args[k]))
         self.workers[k] = worker
         return True
@@ -235,8 +234,8 @@ class Actors:
         its values and only the split between workers changes."""
         self.reshard_due = True
         summaries = get([w.load.remote(plan) for w, plan in zip(self.workers, self.plans)])
-        self._note_blas([s["blas"] for s in summaries])
-        n_train = sum(s["rows"]["train"] for s in summaries)
+        self._note_blas([s.blas for s in summaries])
+        n_train = sum(s.rows["train"] for s in summaries)
         if n_train != self.n_train:
             raise TrainingError(
                 f"resharding over {count(len(self.workers), 'worker')} read {count(n_train, 'training row')}, the run has {self.n_train}",

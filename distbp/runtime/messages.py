@@ -2,8 +2,10 @@
 
 One step: the driver sends an `Order`; the parameter actors publish their weight slices; each
 worker returns one gradient slice per parameter actor and its `Sums`; each parameter actor adds
-the slices in worker-rank order, steps, and returns a `StepInfo`. All three are small named
-tuples of plain numbers and numpy arrays, so they pickle cheaply on any transport.
+the slices in worker-rank order, steps, and returns a `StepInfo`. Around the steps: a worker
+that has read its rows returns a `ShardSummary`, and a parameter actor's state for a checkpoint
+is a `Snapshot`. All are small named tuples of plain numbers, dicts and numpy arrays, so they
+pickle cheaply on any transport.
 """
 
 from typing import NamedTuple
@@ -50,6 +52,25 @@ class StepInfo(NamedTuple):
     squares: np.ndarray  # evaluate steps: per layer of this actor's slice, the mean gradient's sum of squares
     applied_at: float  # time.time() when the update was applied
     workers: int = 0  # the shard workers whose gradients made the update
+
+
+class ShardSummary(NamedTuple):
+    """What a worker returns once it has read its shard: sums the driver merges."""
+
+    nonfinite: dict  # 'data' / 'validation' -> (columns,) counts of NaN or inf values
+    dropped: int  # rows skipped by data.on_nan: drop
+    labels: list  # the distinct class labels (classification), sorted
+    rows: dict  # 'train' / 'val' -> row count
+    moments: tuple  # rowmath.shard_moments of its training features
+    blas: dict  # what its bits depend on: blas.describe(), with rank and node
+
+
+class Snapshot(NamedTuple):
+    """A parameter actor's state for a checkpoint (its slice), or all of them joined."""
+
+    params: np.ndarray  # the weights
+    opt_state: dict  # name -> array: flat arrays cut like the weights, scalars whole
+    best_params: np.ndarray | None  # early stopping: the input weights of the best validation step
 
 
 def add_sums(sums):

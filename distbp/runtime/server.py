@@ -10,13 +10,13 @@ import numpy as np
 from distbp.backprop import optim
 from distbp.errors import TrainingError
 from distbp.runtime import link, shm
-from distbp.runtime.messages import COUNT, LOSS, StepInfo, add_sums
+from distbp.runtime.messages import COUNT, LOSS, Snapshot, StepInfo, add_sums
 from distbp.text import count
 
 RECENT = 512  # StepInfos kept for the driver to read after a failure: more than a window
 
 class ParameterServer:
-    def __init__(self, params, optimizer, opt_state=None, layer_bounds=(), step=0, best=None, num_layers=1):
+    def __init__(self, params, optimizer, opt_state=None, layer_bounds=(), step=0, best_params=None, num_layers=1):
         self.w = np.array(params)  # (slice,) owned, writable copy
         self.grad = np.empty_like(self.w)
         self.opt = optim.make(**optimizer)
@@ -27,7 +27,7 @@ class ParameterServer:
         self.step = step  # the last step applied
         self.kept = None  # (step, input weights) of the last step applied with order.keep
         self.recent = deque(maxlen=RECENT)  # the StepInfos of the last steps applied
-        self.best = None if best is None else np.array(best)  # early stopping: the best step's weights
+        self.best_params = None if best_params is None else np.array(best_params)  # early stopping: the best step's weights
 
     def ping(self):
         return True
@@ -108,13 +108,12 @@ class ParameterServer:
         """Early stopping: the kept input weights of `step` become the best weights."""
         if self.kept is None or self.kept[0] != step:
             raise TrainingError(f"parameter actor: no weights kept for step {step}")
-        self.best = self.kept[1]
+        self.best_params = self.kept[1]
         return True
 
     def snapshot(self):
-        """Weights, optimizer state and the best weights (if any), for a checkpoint."""
-        best = {} if self.best is None else {"best": self.best}
-        return {"params": np.array(self.w), **best, **{f"opt_{k}": v for k, v in self.state.items()}}
+        """This slice's Snapshot, for a checkpoint."""
+        return Snapshot(np.array(self.w), dict(self.state), self.best_params)
 
     # -- the direct engine ---------------------------------------------------------------
     def listen(self, share):

@@ -14,7 +14,7 @@ from distbp.backprop import nn
 from distbp.data import rowmath, sampling, tables
 from distbp.errors import UsageError
 from distbp.runtime import blas, link, shm
-from distbp.runtime.messages import Sums, stats_vector
+from distbp.runtime.messages import ShardSummary, Sums, stats_vector
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,8 @@ class ShardWorker:
 
     def load(self, plan=None):
         """Read the shard (that of `plan` instead, when the rows are resharded: it replaces
-        this worker's plan, rank included). Returns sums the driver merges: non-finite counts
-        per feature, label values, feature moment sums over training rows, and row counts."""
+        this worker's plan, rank included). Returns its ShardSummary: non-finite counts per
+        feature, label values, feature moment sums over training rows, row counts, its BLAS."""
         if plan is not None:
             self.plan, self.sets, self.batch_x = plan, {}, None
         p = self.plan
@@ -113,21 +113,20 @@ class ShardWorker:
             parts = {"train": (table.filter(~is_val), x[~is_val]), "val": (table.filter(is_val), x[is_val])}
         elif p.validation_source is not None:
             parts["val"] = self._read(p.validation_source, *p.validation_range)
-        summary = {"nonfinite": {}, "dropped": 0, "labels": [], "rows": {}, "blas": report}
+        nonfinite, dropped, labels, rows = {}, 0, set(), {}
         for name, (tab, xs) in parts.items():
             values = self._checked_values(tab, xs)
             origin = "validation" if name == "val" and p.validation_source is not None else "data"
-            summary["nonfinite"][origin] = summary["nonfinite"].get(origin, 0) + rowmath.nonfinite_counts(values)
+            nonfinite[origin] = nonfinite.get(origin, 0) + rowmath.nonfinite_counts(values)
             if p.on_nan == "drop":
                 keep = rowmath.finite_row_mask(values)
-                summary["dropped"] += int(len(keep) - keep.sum())
+                dropped += int(len(keep) - keep.sum())
                 tab, xs = tab.filter(keep), xs[keep]
             self.raw[name] = (tab, xs)
-            summary["rows"][name] = len(xs)
+            rows[name] = len(xs)
             if p.task == "classification":
-                summary["labels"] = sorted(set(summary["labels"]) | set(tables.unique_labels(tables.label_values(tab, p.labels[0]))))
-        summary["moments"] = rowmath.shard_moments(self.raw["train"][1])
-        return summary
+                labels |= set(tables.unique_labels(tables.label_values(tab, p.labels[0])))
+        return ShardSummary(nonfinite, dropped, sorted(labels), rows, rowmath.shard_moments(self.raw["train"][1]), report)
 
     def prepare(self, classes, mean, std, offset=0, n_train=0):
         """Standardise, cast to the model dtype and encode targets; drop the raw table.
