@@ -6,13 +6,17 @@ job for each (rate, K workers, S parameter actors) and prints the measured time 
 beside what `distbp bench --model` predicts for the same K, S, P and B. Needs root on Linux.
 
     sudo .venv/bin/python benchmarks/network.py [--rates 100mbit,1gbit] [--workers 2,3]
-        [--servers 1,2] [--repeats 3] [--layers 256,1024,256,10] [--rows 512] [--json FILE]
+        [--servers 1,2,per_worker] [--peers ddp] [--repeats 3] [--layers 256,1024,256,10]
+        [--rows 512] [--json FILE]
 
 Hosts: h1 the Ray head and the driver (0 CPUs, a `ps` resource), h2 a second parameter
 host (0 CPUs, `ps`), h3.. one shard worker each (1 CPU). S = 1 puts the parameter actor on
-the driver's node (the default); S > 1 places them with cluster.parameter_resources {ps: 1},
-one per parameter host. Shard workers never share a host with a parameter actor, so every
-byte of a step crosses a link. The compute rate and fixed cost the model needs are measured
+the driver's node; S = 2 places them with cluster.parameter_resources {ps: 1}, one per
+parameter host, so that every byte of a step crosses a link; per_worker puts slice k's
+parameter actor on worker k's host (S = K, what `auto` picks across nodes). `--peers ddp`
+adds PyTorch DDP (gloo's ring all-reduce, benchmarks/ddp_rank.py) with one rank on each
+worker host, on the same rows, network and links, in the same sitting (needs torch:
+pip install -e '.[peers]'). The compute rate and fixed cost the model needs are measured
 first on h1 alone (`distbp bench JOB --max-workers 1`, embedded Ray, no network), before
 the cluster starts. Everything made (Ray, the namespaces, the bridge, the data folder) is
 removed at the end, also after an error or Ctrl-C. Traffic goes only to the hosts' addresses
@@ -66,7 +70,7 @@ def rate_gbit(rate):
 def write_job(folder, layers, rows, servers, steps):
     """A job whose weights are P = sum (a + 1) b over the layers; the data is made on first
     use, in `folder`, which every host sees."""
-    ps = "{ps: 1}" if servers > 1 else "{}"
+    ps = "{ps: 1}" if servers == 2 else "{}"
     text = f"""name: network
 seed: 0
 data:
@@ -138,14 +142,40 @@ def run_job(head, job, workers, steps, venv):
     return statistics.median(gaps)
 
 
+def run_ddp(cluster, layers, rows, workers, steps, venv):
+    """PyTorch DDP with one rank on each of the first `workers` worker hosts; seconds per step."""
+    import threading
+
+    hosts = cluster.hosts[2:2 + workers]
+    master = f"{hosts[0].ip}:29500"
+    outs = [None] * workers
+
+    def rank(r):
+        cmd = (f"cd {ROOT} && {CLEAN_ENV} {venv}/python benchmarks/ddp_rank.py --rank {r} --world {workers} --master {master} "
+               f"--layers {','.join(map(str, layers))} --rows {rows} --steps {steps - WARMUP - 1} --ifname eth0")
+        outs[r] = hosts[r].run(cmd, timeout=RUN_TIMEOUT_S, check=False)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r, done in enumerate(outs):
+        if done is None or done.returncode != 0:
+            raise RuntimeError(f"DDP rank {r} failed: {(done.stdout + done.stderr).strip()[-2000:] if done else 'no result'}")
+    return json.loads(outs[0].stdout.strip().splitlines()[-1])["sec_per_step"]
+
+
 def predict(report, rate, workers, servers):
-    """bench.scaling_model's seconds per step at (K, S), or compute + fixed only (rate 'none')."""
+    """bench.scaling_model's seconds per step at (K, S) (S per_worker, or ddp: the ring), or
+    compute + fixed only (rate 'none')."""
     gbit = rate_gbit(rate)
-    model = bench.scaling_model(report, gbit or 1.0, workers=(workers,), servers=(servers,))
+    counted = servers if isinstance(servers, int) else 1
+    model = bench.scaling_model(report, gbit or 1.0, workers=(workers,), servers=(counted,))
     row = model["rows"][0]
     if gbit is None:
         return row["compute_sec"] + model["figures"]["fixed_sec"]
-    return row[f"ps{servers}_sec"]
+    return {"per_worker": row["per_worker_sec"], "ddp": row["ring_allreduce_sec"]}.get(servers, row[f"ps{counted}_sec"])
 
 
 def serial_bound(report, rate, workers, servers):
@@ -154,6 +184,8 @@ def serial_bound(report, rate, workers, servers):
     weights still go out, so its link carries K + 1 slices in a step instead of 2 K; a worker's
     own link still carries its weights and then its gradient (2 S slices), whichever is more."""
     gbit = rate_gbit(rate)
+    if not isinstance(servers, int):  # per_worker and the ring: the model's own figure is the bound
+        return predict(report, rate, workers, servers)
     model = bench.scaling_model(report, gbit or 1.0, workers=(workers,), servers=(servers,))
     f, row = model["figures"], model["rows"][0]
     if gbit is None:
@@ -167,12 +199,12 @@ def table(report, points):
     lines = [
         f"P = {report['spec']['num_params']:,} parameters ({f['param_bytes'] / 1e6:.2f} MB), N = {report['spec']['rows']} rows; "
         f"compute {f['rate_gflops_per_core']:.1f} GFLOP/s per core, fixed {f['fixed_sec'] * 1e3:.2f} ms per step (one node)",
-        f"{'link':>8}  {'K':>2}  {'S':>2}  {'predicted s':>11}  {'serial bound s':>14}  {'measured s':>10}  {'runs':>24}  {'measured/predicted':>18}  load",
+        f"{'link':>8}  {'K':>2}  {'S':>10}  {'predicted s':>11}  {'serial bound s':>14}  {'measured s':>10}  {'runs':>24}  {'measured/predicted':>18}  load",
     ]
     for p in points:
         runs = " ".join(f"{s:.3f}" for s in p["runs"])
         low = serial_bound(report, p["rate"], p["workers"], p["servers"])
-        lines.append(f"{p['rate']:>8}  {p['workers']:>2}  {p['servers']:>2}  {p['predicted']:11.3f}  {low:14.3f}  {p['measured']:10.3f}  {runs:>24}  "
+        lines.append(f"{p['rate']:>8}  {p['workers']:>2}  {p['servers']:>10}  {p['predicted']:11.3f}  {low:14.3f}  {p['measured']:10.3f}  {runs:>24}  "
                      f"{p['measured'] / p['predicted']:18.2f}  {p['load'][0]:4.1f}")
     return "\n".join(lines)
 
@@ -181,7 +213,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="100mbit,1gbit", help="link rates (tc syntax), comma-separated; 'none' leaves the links unshaped")
     parser.add_argument("--workers", default="2,3", help="K values, comma-separated")
-    parser.add_argument("--servers", default="1,2", help="S values, comma-separated (at most 2: two parameter hosts)")
+    parser.add_argument("--servers", default="1,2,per_worker", help="S values, comma-separated: 1, 2 (two parameter hosts) or per_worker")
+    parser.add_argument("--peers", default="", help="ddp: also PyTorch DDP, one rank per worker host")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", default="256,1024,256,10")
     parser.add_argument("--rows", type=int, default=512)
@@ -197,10 +230,14 @@ def main():
         print(table(saved["calibration"], saved["points"]))
         return
     rates = args.rates.split(",")
-    ks, ss = [int(v) for v in args.workers.split(",")], [int(v) for v in args.servers.split(",")]
+    ks = [int(v) for v in args.workers.split(",")]
+    ss = [v if v == "per_worker" else int(v) for v in args.servers.split(",")]
     layers = [int(v) for v in args.layers.split(",")]
-    if max(ss) > 2 or min(ks + ss) < 1 or not 1 <= args.repeats <= 20:
-        parser.error("S is 1 or 2, K at least 1, repeats 1 to 20")
+    if any(s not in (1, 2, "per_worker") for s in ss) or min(ks) < 1 or not 1 <= args.repeats <= 20:
+        parser.error("S is 1, 2 or per_worker, K at least 1, repeats 1 to 20")
+    peers = [p for p in args.peers.split(",") if p]
+    if any(p != "ddp" for p in peers):
+        parser.error("--peers: ddp is the one peer")
     why = hostlib.unavailable()
     if why:
         sys.exit(f"network benchmark: {why}")
@@ -215,20 +252,20 @@ def main():
         head = cluster.hosts[0]
         jobs = {s: write_job(folder, layers, args.rows, s, MIN_STEPS) for s in ss}
         print(f"calibrating on {head.name} (embedded Ray, one node) ...", file=sys.stderr, flush=True)
-        report = calibrate(head, jobs[1] if 1 in jobs else next(iter(jobs.values())), venv)
+        report = calibrate(head, write_job(folder, layers, args.rows, 1, MIN_STEPS), venv)
         start_ray(cluster, venv, max(ks))
         points = []
         for rate in rates:
             for host in cluster.hosts:
                 host.shape(None if rate == "none" else rate)
-            for s in ss:
+            for s in ss + peers:
                 for k in ks:
                     predicted = predict(report, rate, k, s)
                     steps = WARMUP + 1 + int(min(MAX_STEPS, max(MIN_STEPS, math.ceil(TARGET_S / predicted))))
                     runs = []
                     for r in range(args.repeats):
                         print(f"{rate} K={k} S={s} run {r + 1}/{args.repeats}: {steps} steps, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
-                        runs.append(run_job(head, jobs[s], k, steps, venv))
+                        runs.append(run_ddp(cluster, layers, args.rows, k, steps, venv) if s == "ddp" else run_job(head, jobs[s], k, steps, venv))
                     points.append({"rate": rate, "workers": k, "servers": s, "predicted": predicted, "runs": runs,
                                    "measured": statistics.median(runs), "load": os.getloadavg()})
         print(table(report, points))

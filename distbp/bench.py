@@ -320,7 +320,9 @@ def scaling_model(report, bandwidth_gbit=10.0, workers=(1, 2, 4, 8, 16, 32, 64, 
     its gradients can come back, and the next step's weights need every gradient, so a
     full-duplex link never carries both halves of a step at once: the factor 2.
     A ring all-reduce instead moves 2 (K - 1) / K * P b per worker, sending and receiving at
-    once."""
+    once. So do parameter shards on the workers' nodes (per_worker, S = K): each node sends its
+    slice to the K - 1 others while it receives theirs, then each gradient slice goes back the
+    same way, (K - 1) / K * P b each way in each half of the step."""
     single = next(r for r in report["results"] if r["workers"] == 0)
     one = next(r for r in report["results"] if r["workers"] == 1)
     work = single["gflops_nominal"] * single["sec_per_step"] * 1e9  # nominal FLOPs per step
@@ -332,7 +334,8 @@ def scaling_model(report, bandwidth_gbit=10.0, workers=(1, 2, 4, 8, 16, 32, 64, 
     rows = []
     for k in workers:
         compute = work / (k * rate)
-        row = {"workers": k, "compute_sec": compute, "ring_allreduce_sec": compute + fixed + 2 * (k - 1) / k * param_bytes / link}
+        ring = 2 * (k - 1) / k * param_bytes / link
+        row = {"workers": k, "compute_sec": compute, "ring_allreduce_sec": compute + fixed + ring, "per_worker_sec": compute + fixed + ring}
         for s in servers:
             worker, server = 2 * param_bytes / link, 2 * k * param_bytes / (s * link)
             row[f"ps{s}_sec"] = compute + fixed + max(worker, server)
@@ -347,10 +350,10 @@ def model_table(model):
     f = model["figures"]
     head = f"figures: {f['rate_gflops_per_core']:.1f} GFLOP/s per core, fixed {f['fixed_sec'] * 1e3:.2f} ms/step, {f['param_bytes'] / 1e6:.2f} MB of parameters, {f['bandwidth_gbit']:g} Gb/s links"
     servers = sorted({int(k[2:-4]) for k in model["rows"][0] if k.startswith("ps") and k.endswith("_sec")})
-    lines = [head, "workers  compute  " + "  ".join(f"S={s:<3d}      " for s in servers) + "  ring all-reduce"]
+    lines = [head, "workers  compute  " + "  ".join(f"S={s:<3d}      " for s in servers) + "  per_worker  ring all-reduce"]
     for r in model["rows"]:
         cells = "  ".join(f"{r[f'ps{s}_sec']:8.4f} {r[f'ps{s}_bound'][0]}" for s in servers)
-        lines.append(f"{r['workers']:7d}  {r['compute_sec']:7.4f}  {cells}  {r['ring_allreduce_sec']:8.4f}")
+        lines.append(f"{r['workers']:7d}  {r['compute_sec']:7.4f}  {cells}  {r['per_worker_sec']:10.4f}  {r['ring_allreduce_sec']:8.4f}")
     lines.append("seconds per step; c = compute-bound, s = parameter-actor-bound")
     return "\n".join(lines)
 

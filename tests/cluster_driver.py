@@ -170,6 +170,9 @@ def run_once(cluster, nodes, args, out):
     return report
 
 
+seen_jobs = set()  # the Ray jobs whose actors an earlier run_cli reported
+
+
 def run_cli(cluster, args, r=0):
     """`distbp run JOB --address <cluster>` as its own process (run r of --runs), then the
     cluster's view of it."""
@@ -183,6 +186,8 @@ def run_cli(cluster, args, r=0):
     from ray._private import state  # the GCS actor table keeps the actors of finished jobs
 
     actors = sorted(state.actors().values(), key=lambda a: (a["StartTime"], a["ActorID"]))
+    mine = [a for a in actors if a["JobID"] not in seen_jobs]  # this run's, not an earlier run's
+    seen_jobs.update(a["JobID"] for a in actors)
     report = {
         "returncode": proc.returncode,
         "stdout": proc.stdout,
@@ -193,6 +198,8 @@ def run_cli(cluster, args, r=0):
         "head": cluster.head_node.node_id,
         "worker_nodes": [a["Address"]["NodeID"] for a in actors if a["ActorClassName"] == "ShardWorker"],
         "server_nodes": [a["Address"]["NodeID"] for a in actors if a["ActorClassName"] == "ParameterServer"],
+        "run_worker_nodes": [a["Address"]["NodeID"] for a in mine if a["ActorClassName"] == "ShardWorker"],
+        "run_server_nodes": [a["Address"]["NodeID"] for a in mine if a["ActorClassName"] == "ParameterServer"],
     }
     ray.shutdown()
     return report

@@ -45,12 +45,18 @@ def workers_column(out):
         return [(int(r["step"]), int(r["workers"])) for r in csv.DictReader(f)]
 
 
-def test_a_lost_node_shrinks_the_run_and_an_added_one_grows_it_back_with_the_same_bits_each_time(ray_session, make_job, tmp_path):
+@pytest.mark.parametrize("servers", ["1", "per_worker"])
+def test_a_lost_node_shrinks_the_run_and_an_added_one_grows_it_back_with_the_same_bits_each_time(ray_session, make_job, tmp_path, servers):
+    """The node goes when step 10 is recorded, before its checkpoint. With the parameter actor on
+    the driver's node the run goes on from step 11 on 2 workers; with per_worker the node took
+    a slice, so every slice is restored from the newest checkpoint (none yet: the seeded start)
+    and steps 1-10 are done again on 2 workers. Growing back at step 20 cuts the vector anew."""
     job = make_job(name="el", **JOB)
     one = model_arrays(Trainer(load(job, [f"output.dir={tmp_path / 'one'}", "cluster.workers=1"])).run().model_path)
     # 3 nodes of 1 CPU, 3 workers: no CPU to spare once a node is gone, until one is added.
     out = tmp_path / "elastic"
-    proc = driver(job, out, "--nodes", "3", "--set", "cluster.workers=3", *ELASTIC, "--remove-node-at", "10", "--add-node-at", "20", "--runs", "2")
+    proc = driver(job, out, "--nodes", "3", "--set", "cluster.workers=3", *ELASTIC, "--remove-node-at", "10", "--add-node-at", "20", "--runs", "2",
+                  "--set", f"cluster.parameter_servers={servers}")
     report = report_of(proc)
     shrunk = re.findall(r"warning: worker \d lost and no capacity within cluster.wait_for_nodes_s \(1 s\); going on with 2 workers, rows resharded", proc.stderr)
     grown = re.findall(r"capacity back: going on with 3 workers instead of 2, rows resharded", proc.stderr)
@@ -59,6 +65,9 @@ def test_a_lost_node_shrinks_the_run_and_an_added_one_grows_it_back_with_the_sam
     for run in report["runs"]:
         assert run["killed"][0][0] == "node" and run["added"] and run["steps"] == 30
     want = [(s, 3) for s in range(1, 11)] + [(s, 2) for s in range(11, 21)] + [(s, 3) for s in range(21, 31)]
+    if servers == "per_worker":
+        want = [(s, 2) for s in range(1, 21)] + [(s, 3) for s in range(21, 31)]
+        assert len(re.findall(r"warning: parameter actors restored from step 0; replaying from step 1", proc.stderr)) == 2
     assert workers_column(first) == want and workers_column(second) == want
     a, b = model_arrays(first / "model.npz"), model_arrays(second / "model.npz")
     assert all(np.array_equal(a[k], b[k]) for k in a)  # the same changes at the same steps: the same bits
@@ -66,15 +75,20 @@ def test_a_lost_node_shrinks_the_run_and_an_added_one_grows_it_back_with_the_sam
         np.testing.assert_allclose(a[key], one[key], rtol=1e-10, atol=1e-12)
 
 
-def test_below_min_workers_checkpoints_and_stops_with_one_line(ray_session, make_job, tmp_path):
+@pytest.mark.parametrize("servers", ["1", "per_worker"])
+def test_below_min_workers_checkpoints_and_stops_with_one_line(ray_session, make_job, tmp_path, servers):
+    """The last step applied is checkpointed before the run stops, when the parameter actors
+    survived; with per_worker the lost node took a slice, and the node went before step 10's
+    checkpoint, so there is none to write (and the rows written stay)."""
     job = make_job(name="min", **JOB)
     out = tmp_path / "min"
-    proc = driver(job, out, "--nodes", "2", *ELASTIC, "--set", "cluster.min_workers=2", "--remove-node-at", "10")
+    proc = driver(job, out, "--nodes", "2", *ELASTIC, "--set", "cluster.min_workers=2", "--remove-node-at", "10",
+                  "--set", f"cluster.parameter_servers={servers}")
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "below cluster.min_workers (2)" in errors[0] and "--resume" in errors[0], proc.stderr[-3000:]
     assert re.search(r"worker \d lost and no capacity within cluster.wait_for_nodes_s \(1 s\); 1 worker left", errors[0])
-    assert checkpoint.list_steps(str(out / "checkpoints"))[-1] == 10  # the last step applied
+    assert checkpoint.list_steps(str(out / "checkpoints")) == ([10] if servers == "1" else [])  # the last step applied
     assert not (out / "model.npz").exists()
     assert [s for s, _ in workers_column(out)] == list(range(1, 11))
 

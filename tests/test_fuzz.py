@@ -271,7 +271,8 @@ SCHEMA_BAD = {
     "cluster.cpus_per_worker": bad_number(gt=0),
     "cluster.address": NOT_A_STRING,
     "cluster.connect_timeout_s": bad_number(gt=0),
-    "cluster.parameter_servers": bad_number(integer=True, ge=1),
+    "cluster.parameter_servers": st.one_of(WORDS.filter(lambda w: w not in ("auto", "per_worker")), CONTAINERS, st.booleans(), NULL,
+                                           NON_INTEGRAL, st.integers(max_value=0), st.sampled_from(["per-worker", "Auto", "0", "-1", "1.5"])),
     "cluster.parameter_resources": st.one_of(not_a_mapping(), st.sampled_from([
         {"CPU": -1}, {"GPU": "many"}, {"x": None}, {"x": [1]}, {1: 2}, {"": 1}, {"x": float("inf")}])),
     "cluster.chunk_rows": bad_number(integer=True, ge=1),

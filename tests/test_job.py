@@ -63,7 +63,7 @@ def test_defaults_fill_in(tmp_path):
     assert (job.train.eval_every, job.train.checkpoint_every, job.train.keep_checkpoints) == (10, 50, 3)
     c = job.cluster
     assert (c.workers, c.cpus_per_worker, c.address, c.connect_timeout_s) == (2, 1, None, 30)
-    assert c.parameter_servers == 1
+    assert c.parameter_servers == "auto"
     assert (c.parameter_resources, c.chunk_rows, c.max_failures, c.wait_for_nodes_s) == ({}, 8192, 3, 60)
     assert job.output.dir is None
     assert job.source == str(tmp_path / "spirals.yaml")
@@ -450,3 +450,12 @@ def test_mutated_jobs_give_a_job_or_a_one_line_job_error(data):
         assert isinstance(job, Job)
         assert job_from_dict(job_to_dict(job)) == job
         job_hash(job)
+
+
+def test_parameter_servers_takes_auto_per_worker_or_a_count():
+    for value, want in (("auto", "auto"), ("per_worker", "per_worker"), (3, 3), ("2", 2), (1.0, 1)):
+        assert job_from_dict(minimal(cluster={"parameter_servers": value})).cluster.parameter_servers == want
+    for bad in (0, -1, 1.5, "many", True, None, [2]):
+        assert error_of(minimal(cluster={"parameter_servers": bad})).startswith(
+            "job.yaml: cluster.parameter_servers: expected auto, per_worker or an integer >= 1, got ")
+    assert "did you mean 'per_worker'?" in error_of(minimal(cluster={"parameter_servers": "per-worker"}))

@@ -395,3 +395,24 @@ def test_workers_read_only_their_own_row_groups_from_s3_and_match_the_local_run(
     local_job = {**job, "data": {**job["data"], "path": str(local)}, "output": {"dir": str(tmp_path / "from-local")}}
     want = Trainer(load(local_job)).run().model_path
     assert same_weights(tmp_path / "from-s3" / "model.npz", want)
+
+
+def test_parameter_shards_on_the_workers_nodes_give_the_same_bits_as_one_actor(ray_session, make_job, tmp_path):
+    """A 3-node cluster, 3 workers (one per node): the weights are bit-identical with one
+    parameter actor, two, and one beside each worker (per_worker, what auto picks when the
+    workers span nodes), and equal to the embedded run's. per_worker puts slice k on worker k's
+    node: each worker reads its own slice in place and moves the others over the links."""
+    job = make_job(name="shards", rows=400, train={"steps": 20, "optimizer": {"name": "adam", "lr": 0.01}, "checkpoint_every": 10},
+                   cluster={"workers": 3})
+    want = model_arrays(Trainer(load(job, [f"output.dir={tmp_path / 'embedded'}"])).run().model_path)
+    report = on_cluster(job, tmp_path / "cluster", "--cli", "--runs", "4", "--run-set", "0:cluster.parameter_servers=1",
+                        "--run-set", "1:cluster.parameter_servers=2", "--run-set", "2:cluster.parameter_servers=per_worker")
+    runs = report["runs"]  # the 4th: the default, auto
+    assert all(r["returncode"] == 0 for r in runs), [r["stderr"][-2000:] for r in runs]
+    for r in runs:
+        got = model_arrays(r["model"])
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    for r in runs[2:]:  # per_worker, and auto: one parameter actor on each worker's node
+        workers, servers = r["run_worker_nodes"], r["run_server_nodes"]
+        assert len(set(workers)) == 3 and sorted(servers) == sorted(workers), r
+    assert len(runs[0]["run_server_nodes"]) == 1 and len(runs[1]["run_server_nodes"]) == 2

@@ -70,12 +70,13 @@ def test_same_worker_count_gives_bit_identical_weights(ray_session, make_job):
 
 def test_parameter_servers_split_the_vector_without_changing_bits(ray_session, make_job):
     runs = {}
-    for servers in (1, 3):
+    for servers in (1, 3, "per_worker"):
         job = load(make_job(rows=200, name=f"s{servers}", train={"optimizer": {"name": "adam", "lr": 0.01}}), [f"cluster.parameter_servers={servers}"])
         runs[servers] = model_arrays(Trainer(job).run().model_path)
     for key in runs[1]:
         if key != "spec":
             assert np.array_equal(runs[1][key], runs[3][key]), key
+            assert np.array_equal(runs[1][key], runs["per_worker"][key]), key
 
 
 def test_run_folder_outputs(ray_session, make_job):

@@ -216,6 +216,17 @@ def _check_make(src, key, v):
     return copy.deepcopy(make)
 
 
+def _check_servers(src, key, v):
+    """cluster.parameter_servers: auto, per_worker, or a count of slices (>= 1)."""
+    if v in ("auto", "per_worker"):
+        return v
+    x = _as_number(v)
+    if x is not None and x == int(x) and x >= 1:
+        return int(x)
+    close = difflib.get_close_matches(v, ("auto", "per_worker"), n=1) if isinstance(v, str) else []
+    raise job_error(src, key, f"expected auto, per_worker or an integer >= 1, got {_show(v)}", f"did you mean '{close[0]}'?" if close else None)
+
+
 def _check_kernel(src, key, v):
     """cluster.blas_kernel: auto, or an OpenBLAS kernel name (what OPENBLAS_CORETYPE takes)."""
     if not (isinstance(v, str) and re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", v)):
@@ -327,7 +338,7 @@ class ClusterCfg:
     cpus_per_worker: float = _num(1.0, gt=0)
     address: str | None = _opt_text()
     connect_timeout_s: float = _num(30.0, gt=0)
-    parameter_servers: int = _int(1, ge=1)
+    parameter_servers: int | str = _spec("auto", _check_servers)  # auto | per_worker | a count
     parameter_resources: dict[str, float] = _spec({}, _check_resources)
     chunk_rows: int = _int(8192, ge=1)
     max_failures: int = _int(3, ge=0)

@@ -74,11 +74,21 @@ class Actors:
         self.phases = phases if phases is not None else {}
         self.log = log or (lambda msg: None)
         self.blas = []  # by rank: what each worker's bits depend on (blas.describe, with rank and node)
-        self.slices = rowmath.shard_ranges(self.spec.num_params, job.cluster.parameter_servers)
-        self.bounds = [nn.slice_layers(self.spec, a, b) for a, b in self.slices]
+        # cluster.parameter_servers: a count, per_worker (one beside each worker, S = K), or
+        # auto (per_worker when the workers can span nodes, else 1)
+        layout = job.cluster.parameter_servers
+        if layout == "auto":
+            layout = "per_worker" if cluster.spans_nodes(job.cluster.cpus_per_worker) else 1
+        self.per_worker = layout == "per_worker"
+        self._cut(job.cluster.workers if self.per_worker else layout)
         self.plans = self._plans(job.cluster.workers)
         self.workers, self.servers = [], []
         self.reshard_due = False  # the worker count changed and not every worker holds its new rows yet
+
+    def _cut(self, S):
+        """Cut the flat vector into S slices, one per parameter actor."""
+        self.slices = rowmath.shard_ranges(self.spec.num_params, S)
+        self.bounds = [nn.slice_layers(self.spec, a, b) for a, b in self.slices]
 
     def _plans(self, K):
         """One ShardPlan per worker rank when the rows are split over K workers."""
@@ -114,8 +124,12 @@ class Actors:
         job = self.job
         t = time.perf_counter()
         self.workers = [self._new_worker(plan) for plan in self.plans]
-        self.start_servers(start)  # they start while the workers start and read
-        get([ping(a) for a in self.workers + self.servers])
+        if not self.per_worker:
+            self.start_servers(start)  # they start while the workers start and read
+        get([ping(a) for a in self.workers])
+        if self.per_worker:  # each beside its worker: the workers' nodes are known now
+            self.start_servers(start)
+        get([ping(a) for a in self.servers])
         self.phases["actor_start"] = time.perf_counter() - t
         t = time.perf_counter()
         summaries = get([w.load.remote() for w in self.workers])
@@ -139,28 +153,47 @@ class Actors:
         return get([w.prepare.remote(*args) for w, args in zip(self.workers, self.prepare_args)])
 
     def start_servers(self, start):
-        """Parameter actors holding `start`, one per slice, on the driver's node unless
-        cluster.parameter_resources places them."""
+        """Parameter actors holding `start`, one per slice: with per_worker, slice k beside
+        worker k on its node (cut anew for the workers there are now, and the workers told);
+        else on the driver's node unless cluster.parameter_resources places them."""
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if start.params.shape != (self.spec.num_params,):
             raise UsageError(f"the checkpoint holds {count(start.params.size, 'parameter')}, the model needs {self.spec.num_params}")
         opt = self.job.train.optimizer
         kwargs = dict(name=opt.name, momentum=opt.momentum, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps, weight_decay=opt.weight_decay)
-        placement = {"resources": dict(self.job.cluster.parameter_resources)}
-        if not placement["resources"]:  # default: the driver's node, which a run cannot outlive anyway
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
-        cls = remote_class(ParameterServer).options(num_cpus=0, **placement)
+        if self.per_worker:
+            if len(self.slices) != len(self.workers):
+                self._cut(len(self.workers))
+                get([w.set_slices.remote(self.slices) for w in self.workers])
+            nodes = [w["node_id"] for w in get([w.where.remote() for w in self.workers])]
+            placements = [{"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)} for node in nodes]
+        elif self.job.cluster.parameter_resources:
+            placements = [{"resources": dict(self.job.cluster.parameter_resources)}] * len(self.slices)
+        else:  # the driver's node, which a run cannot outlive anyway
+            placements = [{"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}] * len(self.slices)
+        cls = remote_class(ParameterServer)
         size = start.params.size
         self.servers = [
-            cls.remote(
+            cls.options(num_cpus=0, **placement).remote(
                 start.params[a:b], kwargs, slice_state(start.opt_state, a, b, size), bounds, start.step,
                 None if start.best_params is None else start.best_params[a:b], self.spec.num_layers,
             )
-            for (a, b), bounds in zip(self.slices, self.bounds)
+            for (a, b), bounds, placement in zip(self.slices, self.bounds, placements)
         ]
+
+    def reslice(self):
+        """per_worker, after the worker count changed with every step recorded: the parameter
+        actors' state moves to one actor beside each worker now there, cut anew. No-op otherwise."""
+        if not self.per_worker or len(self.servers) == len(self.workers):
+            return False
+        step = self.applied_steps()[0]
+        snap = self.snapshot()
+        self.kill_servers()
+        self.start_servers(Start(snap.params, snap.opt_state, step, snap.best_params))
+        get([ping(s) for s in self.servers])
+        return True
 
     # -- during the run --------------------------------------------------------------------
     def applied_steps(self, servers=None):

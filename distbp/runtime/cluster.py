@@ -151,6 +151,14 @@ def worker_env():
     return tuple(sorted(env.items()))
 
 
+def spans_nodes(cpus_per_worker):
+    """Whether shard workers of `cpus_per_worker` CPUs can land on more than one node: more
+    than one live node has that many CPUs (Ray's SPREAD then puts them on different nodes)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= cpus_per_worker) > 1
+
+
 def check_capacity(workers, cpus_per_worker):
     """Fail clearly, instead of waiting forever, when the cluster has too few CPUs."""
     import ray

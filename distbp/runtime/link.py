@@ -111,6 +111,64 @@ def recv_into(conn, view):
         raise LinkError(str(err)) from None
 
 
+def exchange(sends=(), recvs=()):
+    """Carry out every transfer at once, each link busy in both directions: for each
+    (conn, parts) of `sends` send its byte views in order, and for each (conn, parts) of
+    `recvs` fill its writable byte views in order. `recvs` parts may be a generator, so that
+    what is read next can depend on what came before (it resumes once the view it yielded is
+    full). No peer waits for another, so a slow link holds back only its own bytes. LinkError
+    when a peer is gone."""
+    out = {conn: _Parts(parts) for conn, parts in sends}
+    inn = {conn: _Parts(parts) for conn, parts in recvs}
+    out = {c: t for c, t in out.items() if t.current() is not None}
+    inn = {c: t for c, t in inn.items() if t.current() is not None}
+    try:
+        while out or inn:
+            readable, writable, _ = select.select(list(inn), list(out), [])
+            for conn in writable:
+                t = out[conn]
+                try:
+                    t.advance(conn.send(t.view, socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    continue
+                if t.current() is None:
+                    del out[conn]
+            for conn in readable:
+                t = inn[conn]
+                try:
+                    n = conn.recv_into(t.view, len(t.view), socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                if n == 0:
+                    raise LinkError("the peer closed the link")
+                t.advance(n)
+                if t.current() is None:
+                    del inn[conn]
+    except OSError as err:  # LinkError is one too: passed on as it is
+        raise err if isinstance(err, LinkError) else LinkError(str(err)) from None
+
+
+class _Parts:
+    """The views one link still has to send or fill, the current one first."""
+
+    __slots__ = ("parts", "view")
+
+    def __init__(self, parts):
+        self.parts, self.view = iter(parts), None
+
+    def current(self):
+        while self.view is None or not len(self.view):
+            part = next(self.parts, None)
+            if part is None:
+                self.view = None
+                return None
+            self.view = memoryview(part).cast("B")
+        return self.view
+
+    def advance(self, n):
+        self.view = self.view[n:]
+
+
 def send(conn, *parts):
     try:
         for part in parts:

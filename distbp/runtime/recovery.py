@@ -90,7 +90,8 @@ class Recovery:
         alive = [s for i, s in enumerate(self.actors.servers) if i not in dead_servers]
         steps = set(self.actors.applied_steps(alive)) if alive else set()
         if dead_servers or len(steps) > 1:
-            self._count(f"parameter actor lost ({first})")
+            if not (self.actors.per_worker and dead_workers):  # per_worker: the same lost node, counted once
+                self._count(f"parameter actor lost ({first})")
             return self._restore_servers()
         (applied,) = steps
         self.log(f"recovered: going on from step {applied + 1}")
@@ -125,6 +126,7 @@ class Recovery:
             return False
         added = self.actors.add_workers(min(room, cluster.workers - have), START_S)
         if added:
+            self.actors.reslice()  # per_worker: a parameter actor beside each worker, again
             self.log(f"capacity back: going on with {count(have + added, 'worker')} instead of {have}, rows resharded")
         return added > 0
 

@@ -14,6 +14,7 @@ from distbp.runtime.messages import COUNT, LOSS, Snapshot, StepInfo, add_sums
 from distbp.text import count
 
 RECENT = 512  # StepInfos kept for the driver to read after a failure: more than a window
+RECV_BUDGET = 512 << 20  # bytes of per-worker gradient buffers a parameter actor may hold (see run)
 
 class ParameterServer:
     def __init__(self, params, optimizer, opt_state=None, layer_bounds=(), step=0, best_params=None, num_layers=1):
@@ -141,6 +142,9 @@ class ParameterServer:
         """Map the gradient segment of each worker on this node (paths in rank order, None for
         the others); this actor's slice is [start, stop). Its own segment needs no name now."""
         self.peer_grads = [None if path is None else shm.attach(path, stop, self.w.dtype)[start:stop] for path in grad_paths]
+        remote = [g is None for g in self.peer_grads]
+        together = len(remote) > 1 and any(remote) and len(remote) * self.w.nbytes <= RECV_BUDGET
+        self.recv_bufs = [np.empty_like(self.w) if r else None for r in remote] if together else []
         if self.own_path:
             shm.unlink(self.own_path)
         return True
@@ -148,8 +152,14 @@ class ParameterServer:
     def run(self, orders):
         """Carry out a window of steps over the links: per step, send the order (and this
         slice's weights, to a worker on another node) to every worker, take their gradient
-        slices in rank order (the first copied into the sum buffer, each next one added to it),
-        then step. Returns the StepInfos."""
+        slices and Sums, add the slices in rank order, then step. Returns the StepInfos.
+
+        When some worker is on another node, every link moves its bytes at once: the weights go
+        out to all workers together and each gradient is taken as it arrives, into a buffer of
+        its own (at most RECV_BUDGET bytes for all of them), then added in rank order; so a
+        node's link carries weights out and gradients in at the same time. Otherwise (all on
+        this node, or the buffers would not fit) one worker after the other, as a sum needs no
+        buffers: the first slice goes straight into the sum buffer and each next one is added."""
         infos, weights = [], link.as_bytes(self.w)
         try:
             if not self.links:
@@ -157,25 +167,10 @@ class ParameterServer:
             for order in orders:
                 self._check_next(order)
                 head = link.pack_order(order)
-                for conn, shared in zip(self.links, self.peer_grads):
-                    if shared is None:  # a worker on another node gets the weights with the order
-                        link.send(conn, head, weights)
-                    else:
-                        link.send(conn, head)
-                sums, first = [], None
-                for k, (conn, shared) in enumerate(zip(self.links, self.peer_grads)):  # fixed order: bit-reproducible
-                    if shared is None:  # through the socket: the first straight into the sum buffer
-                        shared = self.grad if k == 0 else self.recv_buf
-                        link.recv_into(conn, link.as_bytes(shared))
-                    sums.append(link.unpack_sums(link.recv_exact(conn, self.sums_size)))
-                    if k == 0:
-                        first = shared
-                    elif k == 1:  # g = g_0 + g_1 in one pass, the same bits as copying g_0 and adding g_1
-                        np.add(first, shared, out=self.grad)
-                    else:
-                        self.grad += shared
-                if len(self.links) == 1 and first is not self.grad:
-                    np.copyto(self.grad, first)
+                if self.recv_bufs:
+                    sums = self._exchange(head, weights)
+                else:
+                    sums = self._one_by_one(head, weights)
                 infos.append(self._step(order, *self._mean(sums, order), len(self.links)))
             for conn in self.links:
                 link.send(conn, link.END)
@@ -184,9 +179,45 @@ class ParameterServer:
             raise
         return infos
 
+    def _exchange(self, head, weights):
+        """One step's transfers on every link at once; self.grad = the rank-order sum. Returns the Sums."""
+        heads = [[head] if shared is not None else [head, weights] for shared in self.peer_grads]
+        raw = [bytearray(self.sums_size) for _ in self.links]
+        grads = [shared if shared is not None else buf for shared, buf in zip(self.peer_grads, self.recv_bufs)]
+        incoming = [[view] if shared is not None else [link.as_bytes(buf), view]
+                    for shared, buf, view in zip(self.peer_grads, self.recv_bufs, raw)]
+        link.exchange(sends=zip(self.links, heads), recvs=zip(self.links, incoming))
+        np.add(grads[0], grads[1], out=self.grad)  # fixed order: bit-reproducible (two or more links here)
+        for g in grads[2:]:
+            self.grad += g
+        return [link.unpack_sums(bytes(r)) for r in raw]
+
+    def _one_by_one(self, head, weights):
+        """One step's transfers a worker at a time; self.grad = the rank-order sum. Returns the Sums."""
+        for conn, shared in zip(self.links, self.peer_grads):
+            if shared is None:  # a worker on another node gets the weights with the order
+                link.send(conn, head, weights)
+            else:
+                link.send(conn, head)
+        sums, first = [], None
+        for k, (conn, shared) in enumerate(zip(self.links, self.peer_grads)):  # fixed order: bit-reproducible
+            if shared is None:  # through the socket: the first straight into the sum buffer
+                shared = self.grad if k == 0 else self.recv_buf
+                link.recv_into(conn, link.as_bytes(shared))
+            sums.append(link.unpack_sums(link.recv_exact(conn, self.sums_size)))
+            if k == 0:
+                first = shared
+            elif k == 1:  # g = g_0 + g_1 in one pass, the same bits as copying g_0 and adding g_1
+                np.add(first, shared, out=self.grad)
+            else:
+                self.grad += shared
+        if len(self.links) == 1 and first is not self.grad:
+            np.copyto(self.grad, first)
+        return sums
+
     def disconnect(self):
         link.close(getattr(self, "links", []))
-        self.links, self.peer_grads = [], []
+        self.links, self.peer_grads, self.recv_bufs = [], [], []
         if getattr(self, "server_socket", None) is not None:
             self.server_socket.close()
             self.server_socket = None

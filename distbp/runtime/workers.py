@@ -63,6 +63,11 @@ class ShardWorker:
     def ping(self):
         return True
 
+    def set_slices(self, slices):
+        """Where the parameter actors' slices now lie (cut anew when their count changed)."""
+        self.slices = [tuple(s) for s in slices]
+        return True
+
     def peak_rss_mb(self):
         """This worker process's peak resident memory, in MB."""
         import resource
@@ -238,29 +243,26 @@ class ShardWorker:
         """Run steps as the parameter actors send them, until they end the window. Per step:
         each actor's order and weight slice in (through its socket, or already in its shared
         segment), then this shard's gradient slices (through the socket, or written to this
-        worker's segment) and its Sums out."""
+        worker's segment) and its Sums out. With more than one link, every link moves its bytes
+        at once (link.exchange): no actor waits for another's slice to pass."""
         links, shared, steps = self.links, self.shared_w, 0
         zero_copy = len(shared) == 1 and shared[0] is not None
         try:
             while links:
-                orders = []
                 link.poll(links[0])
-                for conn, (a, b), weights in zip(links, self.slices, shared):
-                    orders.append(link.unpack_order(link.recv_exact(conn, link.ORDER.size)))
-                    if orders[-1].step:
-                        if weights is None:
-                            link.recv_into(conn, link.as_bytes(self.weights[a:b]))
-                        elif not zero_copy:
-                            np.copyto(self.weights[a:b], weights)
+                orders = self._orders_and_weights()
                 if not orders[0].step:  # every parameter actor ends the window together
                     return steps
+                for (a, b), weights in zip(self.slices, shared):
+                    if weights is not None and not zero_copy:
+                        np.copyto(self.weights[a:b], weights)
                 *grads, sums = self._step(orders[0], shared[0] if zero_copy else self.weights, self.grad_out)
                 payload = link.pack_sums(sums)
-                for conn, grad, weights in zip(links, grads, shared):
-                    if weights is None:
-                        link.send(conn, link.as_bytes(np.ascontiguousarray(grad)), payload)
-                    else:
-                        link.send(conn, payload)
+                outgoing = [[payload] if weights is not None else [link.as_bytes(np.ascontiguousarray(grad)), payload] for grad, weights in zip(grads, shared)]
+                if len(links) == 1:
+                    link.send(links[0], *outgoing[0])
+                else:
+                    link.exchange(sends=zip(links, outgoing))
                 if orders[0].evaluate and self.plan.rank == 1:
                     faults.hit("worker_after_eval", orders[0].step)
                 steps += 1
@@ -268,6 +270,24 @@ class ShardWorker:
         except BaseException:
             self.disconnect()
             raise
+
+    def _orders_and_weights(self):
+        """Each parameter actor's order of the next step, and its weight slice when it comes
+        through the socket (read into place in self.weights)."""
+        heads = [bytearray(link.ORDER.size) for _ in self.links]
+
+        def parts(head, a, b, weights):
+            yield head
+            if weights is None and link.unpack_order(head).step:
+                yield link.as_bytes(self.weights[a:b])
+
+        incoming = [parts(head, a, b, w) for head, (a, b), w in zip(heads, self.slices, self.shared_w)]
+        if len(self.links) == 1:
+            for view in incoming[0]:
+                link.recv_into(self.links[0], memoryview(view).cast("B"))
+        else:
+            link.exchange(recvs=zip(self.links, incoming))
+        return [link.unpack_order(bytes(head)) for head in heads]
 
     def unlink_segment(self):
         """Every parameter actor has mapped this worker's gradient segment: drop its name."""
