@@ -63,3 +63,39 @@ def test_a_closed_peer_is_a_link_error():
     with pytest.raises(link.LinkError):
         link.exchange(recvs=[(a, [bytearray(8)])])
     a.close()
+
+
+def test_link_set_up_drops_bad_callers_and_keeps_waiting_for_the_workers():
+    """Any local process can connect to a parameter actor's port. A silent connection (held
+    open all along), 18 bytes of garbage, a wrong secret and a rank out of range are each
+    dropped, and the two real workers still get through, in rank order."""
+    server, address = link.listen("127.0.0.1")
+    secret = b"s" * 32
+    result = {}
+    waiting = threading.Thread(target=lambda: result.update(links=link.accept(server, 2, secret, 60)))
+    waiting.start()
+    silent = socket.create_connection(address)
+    garbage = socket.create_connection(address)
+    garbage.sendall(b"\x00garbage-18-bytes!")
+    garbage.close()
+    wrong = socket.create_connection(address)
+    wrong.sendall(link.HELLO.pack(0, b"x" * 32))
+    outside = socket.create_connection(address)
+    outside.sendall(link.HELLO.pack(7, secret))
+    workers = [link.connect(address, rank, secret, 10) for rank in (1, 0)]
+    waiting.join(timeout=30)  # a bound on a hang, not a speed check: accept must not wait on `silent`
+    assert not waiting.is_alive(), "accept waited on a silent or bad connection"
+    links = result["links"]
+    for rank, conn in enumerate(links):  # rank order: each link reaches the worker of that rank
+        workers[1 - rank].sendall(bytes([rank]))
+        assert conn.recv(1) == bytes([rank])
+    for sock in [silent, wrong, outside, *workers, *links]:
+        sock.close()
+
+
+def test_link_set_up_without_the_workers_fails_in_one_line_after_its_timeout():
+    server, address = link.listen("127.0.0.1")
+    silent = socket.create_connection(address)
+    with pytest.raises(link.LinkError, match=r"workers did not connect within 0.5 s \(0 of 1 arrived\)"):
+        link.accept(server, 1, b"s" * 32, 0.5)
+    silent.close()

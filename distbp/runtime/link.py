@@ -31,6 +31,7 @@ USER_TIMEOUT_MS = 25_000
 # than a small network's whole step. Measured on 2 cores: median step 0.40 -> 0.32 ms, and
 # the mean 0.61 -> 0.36 ms (the slow tail is what goes).
 POLL_S = 300e-6
+GREETING_S = 5.0  # how long a new connection to a parameter actor may take to say who it is
 
 
 class LinkError(ConnectionError):
@@ -55,23 +56,49 @@ def listen(host):
 
 
 def accept(server, count, secret, timeout_s):
-    """`count` worker connections that present `secret`, in rank order."""
-    server.settimeout(timeout_s)
-    links = {}
+    """`count` worker connections that present `secret`, in rank order, within `timeout_s`.
+    The listening port is open to every process on the node, so no caller is trusted: each
+    connection gets GREETING_S to send its greeting, all are read side by side, and one that is
+    silent, short, garbled or not of this run is dropped while the others go on."""
+    deadline = time.monotonic() + timeout_s
+    links, pending = {}, {}  # rank -> connection; connection -> (greeting so far, its deadline)
     try:
         while len(links) < count:
-            conn, _ = server.accept()
-            conn.settimeout(timeout_s)
-            rank, token = HELLO.unpack(recv_exact(conn, HELLO.size))
-            if not hmac.compare_digest(token, secret) or rank in links or not 0 <= rank < count:
-                conn.close()  # not one of this run's workers
-                continue
-            conn.settimeout(None)
-            links[rank] = _tune(conn)
-    except OSError as err:
-        for conn in links.values():
-            conn.close()
-        raise LinkError(f"workers did not connect: {err}") from None
+            now = time.monotonic()
+            if now >= deadline:
+                raise LinkError(f"workers did not connect within {timeout_s:g} s ({len(links)} of {count} arrived)")
+            for conn, (_, due) in list(pending.items()):
+                if now >= due:  # silent too long
+                    del pending[conn]
+                    conn.close()
+            wait = min([deadline, *(due for _, due in pending.values())]) - now
+            readable, _, _ = select.select([server, *pending], [], [], max(0.0, wait))
+            for sock in readable:
+                if sock is server:
+                    conn, _ = server.accept()
+                    pending[conn] = (bytearray(), now + GREETING_S)
+                    continue
+                greeting, due = pending[sock]
+                try:
+                    data = sock.recv(HELLO.size - len(greeting))
+                except OSError:
+                    data = b""
+                if data:
+                    greeting += data
+                    if len(greeting) < HELLO.size:
+                        continue
+                del pending[sock]
+                rank, token = HELLO.unpack(bytes(greeting)) if len(greeting) == HELLO.size else (-1, b"")
+                if not hmac.compare_digest(token, secret) or rank in links or not 0 <= rank < count:
+                    sock.close()  # closed early, or not one of this run's workers
+                    continue
+                sock.settimeout(None)
+                links[rank] = _tune(sock)
+    except BaseException as err:
+        close(list(links.values()) + list(pending))
+        if isinstance(err, OSError) and not isinstance(err, LinkError):
+            raise LinkError(f"workers did not connect: {err}") from None
+        raise
     finally:
         server.close()
     return [links[k] for k in range(count)]
