@@ -48,7 +48,11 @@ def dry_run(job):
 def train(job_or_path, log=None, on_step=None, resume=False, force=False, ray_dataset=None, **overrides):
     """Train a job (a path, dict or Job). Keyword overrides use `__` for dots, e.g.
     `train(job, train__steps=100, cluster__workers=1)`. `ray_dataset`, a ray.data.Dataset,
-    replaces data.path (Ray must be running: the Dataset lives in it). Returns the RunResult."""
+    replaces data.path (Ray must be running: the Dataset lives in it). Returns the RunResult.
+
+    The first call starts an embedded Ray (or joins cluster.address) and keeps it for the later
+    calls of the process: it shuts down at exit or at `distbp.shutdown()`. A Ray you started
+    with ray.init() is used and left running."""
     from distbp.trainer import Trainer
 
     sets = [f"{k.replace('__', '.')}={_yaml_scalar(v)}" for k, v in overrides.items()]
@@ -58,7 +62,7 @@ def train(job_or_path, log=None, on_step=None, resume=False, force=False, ray_da
             from distbp.data.raydata import block_source
 
             source, keep = block_source(ray_dataset)
-        result = Trainer(job, resume=resume, force=force, log=log, on_step=on_step, source=source).run()
+        result = Trainer(job, resume=resume, force=force, log=log, on_step=on_step, source=source, keep_ray=True).run()
         del keep  # the Dataset's blocks are no longer needed
         return result
     except DistbpError as err:  # the way out, in this API's words rather than the command's
@@ -74,6 +78,14 @@ _API_WORDS = [
     (re.compile(r"--out\b"), "output__dir="),
     (re.compile(r"--set ([\w.]+)="), lambda m: m.group(1).replace(".", "__") + "="),
 ]
+
+
+def shutdown():
+    """Shut down the Ray that distbp.train or the estimators started or joined; a Ray you
+    started is left alone. Runs at exit by itself."""
+    from distbp.runtime import cluster
+
+    cluster.shutdown()
 
 
 def _in_api_words(text):

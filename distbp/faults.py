@@ -10,9 +10,13 @@ Driver points fire once per process; worker points fire in the worker of rank 1 
     recovery            a second worker is killed while recovery replaces the first
     metrics_rewrite     the driver exits hard halfway through rewriting metrics.csv
     worker_after_eval   the worker exits hard right after sending evaluation step STEP
+    pause_ray           the driver waits (10 minutes) once Ray runs, before the actors start
+    pause_actors        the driver waits once the actors have read the data, before the run folder changes
+A pause prints "fault: paused at POINT" on stderr first, so that a test can signal it there.
 """
 
 import os
+import sys
 import time
 
 ENV = "DISTBP_FAULT"
@@ -41,4 +45,7 @@ def hit(point, step=None):
         raise OSError(28, "No space left on device (DISTBP_FAULT)")
     if point == "checkpoint_slow":
         time.sleep(4)
+    if point.startswith("pause_"):
+        print(f"fault: paused at {point}", file=sys.stderr, flush=True)
+        time.sleep(600)
     return True

@@ -12,39 +12,22 @@ bits as `distbp run` on that file. No run folder is written unless `output_dir` 
 every fit writes there, replacing the last one), so cross-validation folds never collide.
 
 Ray: the first fit starts an embedded, loopback-only Ray (or joins `address`), and every later
-fit in the process reuses it; it shuts down when the process exits.
+fit in the process reuses it, as `distbp.train` does; it shuts down when the process exits or
+at `distbp.shutdown()`.
 
 Classes can be any labels numpy can sort (ints, strings, floats, bools); they are trained as
 their positions in `classes_`, exactly as distbp encodes a label column. Two classes use one
 sigmoid unit, more use softmax. Regression fits identity outputs with the mse loss.
 """
 
-import atexit
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
-
-_RAY = {"started": False}
-
-
-def _ensure_ray(address, workers):
-    """One Ray for every fit of the process: started (or joined) by the first one."""
-    from distbp.runtime import cluster
-
-    loaded = sys.modules.get("ray")  # not imported here before cluster.connect picks Ray's mode
-    if loaded is not None and loaded.is_initialized():
-        return
-    if cluster.connect(address, max(os.cpu_count() or 1, workers)):
-        import ray
-
-        atexit.register(ray.shutdown)
-        _RAY["started"] = True
 
 
 def _as_array(X):
@@ -125,8 +108,7 @@ class _MLP(BaseEstimator):
             tables.write_table(pa.table({**{n: X[:, i] for i, n in enumerate(names)}, **labels}), path)
             out_dir = self.output_dir or os.path.join(scratch, "run")
             job = load(self._job(path, list(labels), X.shape[1], n_out, output, loss, out_dir, len(X)))
-            _ensure_ray(self.address, job.cluster.workers)
-            result = Trainer(job, force=True).run()
+            result = Trainer(job, force=True, keep_ray=True).run()
             self.model_ = load_model(result.model_path)
             self.final_ = result.final
             self.n_steps_ = result.steps

@@ -12,7 +12,7 @@ import numpy as np
 from distbp import faults
 from distbp.backprop import nn, schedule
 from distbp.data import sampling
-from distbp.data.checks import ensure_data, prepare  # noqa: F401 (prepare: used with setup)
+from distbp.data.checks import ensure_data, prepare
 from distbp.errors import DistbpError
 from distbp.run.model import Model
 from distbp.run.outputs import RunOutputs, RunResult  # noqa: F401 (RunResult: part of the API)
@@ -28,7 +28,7 @@ class Trainer:
     """One run of a job. `run()` returns a RunResult; errors are DistbpError subclasses.
     `log` gets warnings and notices; `detail` gets the set-up and phase lines (--verbose)."""
 
-    def __init__(self, job, resume=False, force=False, log=None, on_step=None, detail=None, signals=False, source=None):
+    def __init__(self, job, resume=False, force=False, log=None, on_step=None, detail=None, signals=False, source=None, keep_ray=False):
         self.job = job
         self.log = log or (lambda msg: None)
         self.detail = detail or (lambda msg: None)
@@ -37,6 +37,8 @@ class Trainer:
         self.stop_requested = None  # a signal number: checkpoint after the current step and stop
         self.signals = signals  # catch SIGINT and SIGTERM (the command line does; main thread only)
         self.source = source  # rows from elsewhere than data.path: a ray.data.Dataset's BlockSource
+        self.keep_ray = keep_ray  # leave an embedded Ray running for the next run of this process
+        self.starting = None  # during start-up: the step a signal leaves the run at (0, or the checkpoint's)
         self.last = (0, None)  # the last step recorded, and its row
         self.actors = self.engine = self.recovery = None
         self.phases = {}  # seconds: imports, ray_start, actor_start, data_read, first_step, plot, shutdown
@@ -79,21 +81,31 @@ class Trainer:
         if self.source is None:
             ensure_data(job, self.log)
         prep = prepare(job, self.source)
+        self.starting = ckpt.step if ckpt else 0  # until the run folder is begun, a signal stops at once
         saved = self._catch_signals()
+        started = False
         try:
-            started = cluster.connect(job.cluster.address, job.cluster.workers * job.cluster.cpus_per_worker, job.cluster.connect_timeout_s, self.phases)
-        except BaseException:
-            self._restore_signals(saved)
-            raise
-        self._catch_signals()  # again: ray.init sets a SIGTERM handler of its own
-        try:
+            try:
+                started = self._connect(job.cluster)
+            except SystemExit as err:  # ray.init's own SIGTERM handler, while Ray starts
+                if err.code != signal.SIGTERM:
+                    raise
+                raise StoppedAtStart(signal.SIGTERM, self.starting) from None
+            self._catch_signals()  # again: ray.init sets a SIGTERM handler of its own
+            faults.hit("pause_ray")
             cluster.check_capacity(job.cluster.workers, job.cluster.cpus_per_worker)
             self.setup(prep, ckpt)
             self.resumed_from = ckpt.step if ckpt else None
-            outputs.begin(self._columns(), ckpt.step if ckpt else None)  # the run folder changes from here
-            outputs.record_environment(self.actors.blas)
             self.engine = engine_class(self.actors)
             self.recovery = Recovery(job, self.actors, outputs, self._save_applied, self.log)
+            faults.hit("pause_actors")
+            self.starting = None  # the run folder changes from here; a signal checkpoints after a step
+            outputs.begin(self._columns(), ckpt.step if ckpt else None)
+            outputs.record_environment(self.actors.blas)
+            if self.stop_requested:  # it came while the folder was begun: no step is trained
+                if ckpt is None:
+                    outputs.undo_begin()
+                raise StoppedAtStart(self.stop_requested, ckpt.step if ckpt else 0)
             self.detail(
                 f"setup: {count(len(self.workers), 'worker')}, {count(len(self.servers), 'parameter actor')}, "
                 f"{count(self.actors.n_train, 'training row')}, {count(prep.spec.num_params, 'parameter')}, engine {self.engine.name}"
@@ -113,14 +125,24 @@ class Trainer:
         result.plot_path = plot
         return result
 
+    def _connect(self, c):
+        """Start or join Ray. True when this run started it and is to shut it down: the command
+        line's runs do; the Python API's keep it for the next call (cluster.keep)."""
+        connect = cluster.keep if self.keep_ray else cluster.connect
+        return connect(c.address, c.workers * c.cpus_per_worker, c.connect_timeout_s, self.phases)
+
     def _catch_signals(self):
         """SIGINT and SIGTERM: checkpoint after the step under way, then stop (Interrupted,
         exit 128 + signal). A second one stops at once (SecondSignal), with the checkpoints
-        already written kept. Returns the handlers it replaced (None when not catching)."""
+        already written kept. During start-up (Ray, the actors, the data) one stops at once
+        (StoppedAtStart): nothing is trained or written. Returns the handlers it replaced
+        (None when not catching)."""
         if not self.signals:
             return None
 
         def on_signal(signum, frame):
+            if self.starting is not None:
+                raise StoppedAtStart(signum, self.starting)
             if self.stop_requested:
                 raise SecondSignal(signum, self.last[0])
             self.stop_requested = signum
@@ -304,6 +326,16 @@ class Interrupted(DistbpError):
 
     def __init__(self, signum, step, path):
         super().__init__(f"stopped by signal {signum} after step {step}; checkpoint {path}", hint="continue with --resume")
+        self.exit_code = 128 + signum
+
+
+class StoppedAtStart(DistbpError):
+    """A signal before the first step: the run stops at once, having trained and written
+    nothing (a resumed run's checkpoints are untouched); exit code 128 + signal."""
+
+    def __init__(self, signum, step):
+        where = f"; the checkpoint of step {step} is untouched" if step else "; nothing was trained or written"
+        super().__init__(f"stopped by signal {signum} during start-up{where}", hint="continue with --resume" if step else None)
         self.exit_code = 128 + signum
 
 

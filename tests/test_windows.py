@@ -4,6 +4,7 @@ checkpoint, and never applies a step twice."""
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,6 +198,55 @@ def test_a_second_signal_stops_at_once_with_its_own_exit_code(make_job, tmp_path
     assert lines[-1].startswith("error: ") and "second signal" in lines[-1] and "Traceback" not in err
     assert checkpoint.list_steps(str(tmp_path / "runs" / "twice" / "checkpoints")) == []  # none half-written
     assert not [n for n in os.listdir(tmp_path / "runs" / "twice" / "checkpoints") if n.startswith(".tmp")] if (tmp_path / "runs" / "twice" / "checkpoints").exists() else True
+
+
+
+def processes_of_session(driver_pid):
+    """The pids of Ray processes (daemons, workers) of the Ray session that the process
+    `driver_pid` started: Ray names a session's folder session_<date>_<time>_<driver pid>."""
+    mark = re.compile(rf"session_[\d_-]+_{driver_pid}\b".encode())
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if mark.search(f.read()):
+                    found.add(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def paused_then_signalled(proc, point, sig):
+    """Wait for the run to pause at `point`, signal it, and return its stderr. The pause lasts
+    10 minutes: only a run that stops at once ends within communicate's timeout."""
+    line = proc.stderr.readline()
+    assert line.strip() == f"fault: paused at {point}", line + proc.communicate()[1]
+    assert processes_of_session(proc.pid)  # its Ray runs (so that the check after exit means something)
+    proc.send_signal(sig)
+    return proc.communicate(timeout=60)[1]
+
+
+@pytest.mark.parametrize("point, sig", [("pause_ray", signal.SIGTERM), ("pause_actors", signal.SIGINT)])
+def test_a_signal_during_start_up_stops_at_once_and_writes_nothing(make_job, tmp_path, point, sig):
+    job = make_job(name="early", **LONG)
+    proc = start(job, "--quiet", fault=point)
+    err = paused_then_signalled(proc, point, sig)
+    assert proc.returncode == 128 + sig, err
+    assert err.strip().splitlines()[-1] == f"error: stopped by signal {sig} during start-up; nothing was trained or written", err
+    assert not (tmp_path / "runs" / "early").exists()
+    assert not processes_of_session(proc.pid)  # the run's own Ray went with it
+
+
+def test_a_signal_while_a_resumed_run_starts_leaves_its_checkpoint_and_metrics_untouched(make_job, tmp_path):
+    job = make_job(name="again", rows=100, train={"steps": 6, "checkpoint_every": 3})
+    out = tmp_path / "runs" / "again"
+    assert cli(job, "--quiet", fault="model_written").returncode == 3  # dies with the checkpoint of step 3 its newest
+    kept = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    proc = start(job, "--resume", "--quiet", fault="pause_actors")
+    err = paused_then_signalled(proc, "pause_actors", signal.SIGINT)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "error: stopped by signal 2 during start-up; the checkpoint of step 3 is untouched (continue with --resume)", err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == kept
 
 
 # -- 8. training and prediction agree ---------------------------------------------------------

@@ -134,6 +134,7 @@ class RunOutputs:
 
     def begin(self, columns, keep_until_step):
         """The run folder changes from here: clear it for --force, write job.yaml, open metrics.csv."""
+        self.created = not os.path.exists(self.out_dir)
         if self.force:
             rundir.clear(self.out_dir)
             if self.remote:
@@ -142,6 +143,21 @@ class RunOutputs:
         self.publish("job.yaml")
         self.columns = columns
         self.open_metrics(keep_until_step)
+
+    def undo_begin(self):
+        """Take back what `begin` wrote to a new run's folder (a signal came before the first
+        step): distbp's files, and the folder when `begin` made it."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        rundir.clear(self.out_dir)
+        if self.remote:
+            self.remote.clear()
+        if self.created and not os.listdir(self.out_dir):
+            os.rmdir(self.out_dir)
 
     def record_environment(self, reports):
         """Write environment.json (what each worker's bits depend on); warn when the workers'

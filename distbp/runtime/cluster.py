@@ -5,9 +5,11 @@ Ray reads from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is first imported; so t
 decided here, before `import ray`. Any other address keeps Ray's own address choice.
 """
 
+import atexit
 import ipaddress
 import os
 import socket
+import sys
 import time
 from urllib.parse import urlsplit
 
@@ -113,6 +115,44 @@ def connect(address, num_cpus, timeout_s=30, phases=None):
         return _start(ray, address, num_cpus, timeout_s)
     finally:
         phases["ray_start"] = time.perf_counter() - t
+
+
+# The Ray that `keep` started or joined for the Python API: held, what address it was asked
+# for (None: embedded), and the embedded Ray's CPUs.
+_KEPT = {"held": False, "address": None, "cpus": 0, "exit_hook": False}
+
+
+def keep(address, num_cpus, timeout_s=30, phases=None):
+    """For Python callers (distbp.train, the estimators): like `connect`, but the Ray it starts
+    or joins is kept for the later calls of the process, and shut down at exit or by
+    `shutdown()`. A Ray the caller started is used and never shut down. An embedded Ray is
+    started with every CPU of the machine (at least `num_cpus`); a later call that needs more
+    CPUs, or another address, gets a new one. Returns False: the caller shuts nothing down."""
+    phases = {} if phases is None else phases
+    ray = sys.modules.get("ray")  # not imported here before choose_mode
+    if ray is not None and ray.is_initialized():
+        fits = _KEPT["address"] == address and (address is not None or _KEPT["cpus"] >= num_cpus)
+        if not _KEPT["held"] or fits:
+            phases.update(imports=0.0, ray_start=0.0)
+            return False
+        shutdown()  # ours, but not what this call asks for
+    cpus = max(os.cpu_count() or 1, num_cpus)
+    if connect(address, cpus, timeout_s, phases):
+        if not _KEPT["exit_hook"]:
+            atexit.register(shutdown)
+        _KEPT.update(held=True, address=address, cpus=cpus, exit_hook=True)
+    return False
+
+
+def shutdown():
+    """Shut down the Ray that `keep` started or joined, if any; a Ray the caller started is
+    left alone."""
+    if not _KEPT["held"]:
+        return
+    _KEPT.update(held=False, address=None, cpus=0)
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _start(ray, address, num_cpus, timeout_s):

@@ -1,0 +1,48 @@
+"""The Python API's Ray: the first distbp.train of a process starts an embedded Ray and keeps
+it for the later calls; distbp.shutdown() (or exit) ends it; a Ray the caller started stays."""
+
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = r"""
+import json, sys
+import numpy as np
+import distbp, ray
+
+job, out = sys.argv[1], sys.argv[2]
+report = {}
+
+def train(name, **extra):
+    result = distbp.train(job, output__dir=f"{out}/{name}", output__plot=False, **extra)
+    with np.load(result.model_path) as z:
+        weights = {k: z[k].tobytes().hex() for k in z.files}
+    return {"ray_start": result.phases["ray_start"], "gcs": ray.get_runtime_context().gcs_address, "weights": weights}
+
+report["first"] = train("first")
+report["second"] = train("second")
+report["more_cpus"] = train("more", cluster__workers=int(ray.cluster_resources()["CPU"]) + 1)
+distbp.shutdown()
+report["after_shutdown"] = ray.is_initialized()
+ray.init(address="local", num_cpus=3, include_dashboard=False)
+report["theirs"] = train("theirs")
+distbp.shutdown()
+report["theirs_after_shutdown"] = ray.is_initialized()
+print(json.dumps(report))
+"""
+
+
+def test_train_keeps_one_embedded_ray_until_shutdown_and_leaves_the_callers_alone(make_job, tmp_path):
+    job = make_job(name="api", rows=120, train={"steps": 4})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(job), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    first, second, more, theirs = report["first"], report["second"], report["more_cpus"], report["theirs"]
+    assert first["ray_start"] > 0 and second["ray_start"] == 0  # the second call found the first one's Ray
+    assert second["gcs"] == first["gcs"] and second["weights"] == first["weights"]
+    assert more["gcs"] != first["gcs"] and more["ray_start"] > 0  # too few CPUs: a new embedded Ray
+    assert report["after_shutdown"] is False
+    assert theirs["ray_start"] == 0 and theirs["weights"] == first["weights"]
+    assert report["theirs_after_shutdown"] is True  # the caller's Ray is not distbp's to shut down
