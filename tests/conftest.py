@@ -16,6 +16,21 @@ import yaml  # noqa: E402
 
 NUM_CPUS = 4
 
+# The fast lane, `python -m pytest -m fast`: the math, job-file, data and file-format tests of
+# these files that start no Ray (under a minute, for the edit-test loop). The whole suite is
+# still the verdict on a change.
+FAST_FILES = {
+    "test_nn.py", "test_gradcheck.py", "test_optim.py", "test_schedule.py", "test_job.py", "test_data.py",
+    "test_sampling.py", "test_fuzz.py", "test_bad_input.py", "test_export.py", "test_link.py",
+    "test_progress.py", "test_plot.py", "test_imports.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in FAST_FILES and "ray_session" not in item.fixturenames:
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture(scope="session")
 def ray_session():
