@@ -43,6 +43,14 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_address(ray_session):
+    """The session Ray's address: CLI subprocesses join it with --address instead of starting
+    Ray of their own (4-6 s each on 2 cores). The tests of the embedded start itself (signals
+    while it starts, loopback only, the examples as the README runs them) leave it out."""
+    return ray_session.get_runtime_context().gcs_address
+
+
 @pytest.fixture
 def make_job(tmp_path):
     """Write a small job file (and its data) under tmp_path; returns the job path.

@@ -101,7 +101,7 @@ def test_too_many_failures_stop_with_a_clear_message(baseline, tmp_path):
     assert steps[0] == 10 and steps[-1] < 30 and not (tmp_path / "max" / "model.npz").exists()
 
 
-def test_sigint_checkpoints_and_resume_is_bit_identical(ray_session, make_job, tmp_path):
+def test_sigint_checkpoints_and_resume_is_bit_identical(ray_address, make_job, tmp_path):
     # Long enough (a few seconds) that the signal lands mid-run: steps take well under a millisecond.
     job = make_job(name="int", rows=1000, train={"steps": 3000, "checkpoint_every": 10000, "optimizer": {"name": "adam", "lr": 0.01}})
     want = Trainer(load(job, [f"output.dir={tmp_path / 'whole'}"])).run().model_path
@@ -115,12 +115,13 @@ def test_sigint_checkpoints_and_resume_is_bit_identical(ray_session, make_job, t
     assert "stopped by signal 2 after step" in err and "--resume" in err
     steps = checkpoint.list_steps(tmp_path / "runs" / "int" / "checkpoints")
     assert len(steps) == 1 and 20 <= steps[0] < 3000
-    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=180)
+    joined = ["--address", ray_address]  # the signalled run started Ray itself; the resumes join the session's
+    resumed = subprocess.run(cmd + ["--resume", *joined], env=env, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(tmp_path / "runs" / "int" / "model.npz", want)
     rows = (tmp_path / "runs" / "int" / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 3001))
-    again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cmd + ["--resume", *joined], env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already finished" in again.stdout
 
 

@@ -49,13 +49,15 @@ def fault(monkeypatch):
     faults._fired.clear()
 
 
-def cli(*args, fault=None, timeout=180):
-    """The real command as its own process (a driver fault may end that process)."""
+def cli(*args, fault=None, address=None, timeout=180):
+    """The real command as its own process (a driver fault may end that process), joining
+    the Ray at `address` or starting its own."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     env.pop(faults.ENV, None)
     if fault:
         env[faults.ENV] = fault
-    return subprocess.run([sys.executable, "-m", "distbp", "run", *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+    join = ["--address", address] if address else []
+    return subprocess.run([sys.executable, "-m", "distbp", "run", *map(str, args), *join], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # -- 1. a lost metrics row ---------------------------------------------------------------------
@@ -74,14 +76,14 @@ def test_worker_lost_right_after_an_evaluation_step_keeps_that_row(ray_session, 
 
 
 # -- 2. a finished run without a model -------------------------------------------------------
-def test_a_kill_between_model_and_done_checkpoint_never_leaves_a_finished_run_without_model(make_job, tmp_path):
+def test_a_kill_between_model_and_done_checkpoint_never_leaves_a_finished_run_without_model(ray_address, make_job, tmp_path):
     job = make_job(name="w2", rows=100, train={"steps": 6, "checkpoint_every": 3})
     out = tmp_path / "runs" / "w2"
-    died = cli(job, "--quiet", fault="model_written")
+    died = cli(job, "--quiet", fault="model_written", address=ray_address)
     assert died.returncode == 3, died.stderr
     newest = checkpoint.load_latest(str(out / "checkpoints"))
     assert not newest.finished or (out / "model.npz").exists()
-    resumed = cli(job, "--resume", "--quiet")
+    resumed = cli(job, "--resume", "--quiet", address=ray_address)
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.load_latest(str(out / "checkpoints")).finished and load_model(str(out / "model.npz"))
 
@@ -144,29 +146,29 @@ def test_a_parameter_actor_never_applies_a_step_twice():
 
 
 # -- 6. metrics.csv rewritten in place ---------------------------------------------------------
-def test_a_crash_while_metrics_csv_is_rewritten_leaves_it_whole(make_job, tmp_path):
+def test_a_crash_while_metrics_csv_is_rewritten_leaves_it_whole(ray_address, make_job, tmp_path):
     job = make_job(name="w6", rows=100, train={"steps": 9, "checkpoint_every": 3})
     out = tmp_path / "runs" / "w6"
-    died = cli(job, "--quiet", fault="checkpoint_write@6")  # stops with rows 1..6, checkpoint 3
+    died = cli(job, "--quiet", fault="checkpoint_write@6", address=ray_address)  # stops with rows 1..6, checkpoint 3
     assert died.returncode == 1, died.stderr
     before = (out / "metrics.csv").read_bytes()
     assert len(before.splitlines()) == 7
-    crashed = cli(job, "--resume", "--quiet", fault="metrics_rewrite")
+    crashed = cli(job, "--resume", "--quiet", fault="metrics_rewrite", address=ray_address)
     assert crashed.returncode == 3, crashed.stderr
     assert (out / "metrics.csv").read_bytes() in (before, b"".join(before.splitlines(keepends=True)[:4]))
-    resumed = cli(job, "--resume", "--quiet")
+    resumed = cli(job, "--resume", "--quiet", address=ray_address)
     assert resumed.returncode == 0, resumed.stderr
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # the crash's temporary file is gone too
     assert [int(r["step"]) for r in rows_of(out)] == list(range(1, 10))
 
 
 # -- 7. exit codes after signals --------------------------------------------------------------
-def start(job, *extra, fault=None):
+def start(job, *extra, fault=None, address=None):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     env.pop(faults.ENV, None)
     if fault:
         env[faults.ENV] = fault
-    cmd = [sys.executable, "-m", "distbp", "run", str(job), *extra]
+    cmd = [sys.executable, "-m", "distbp", "run", str(job), *extra, *(["--address", address] if address else [])]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -185,9 +187,9 @@ def test_sigterm_checkpoints_and_exits_143(make_job, tmp_path):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_second_signal_stops_at_once_with_its_own_exit_code(make_job, tmp_path, sig, code):
+def test_a_second_signal_stops_at_once_with_its_own_exit_code(ray_address, make_job, tmp_path, sig, code):
     job = make_job(name="twice", **LONG)
-    proc = start(job, "--quiet", fault="checkpoint_slow")  # the checkpoint after the first signal takes 4 s
+    proc = start(job, "--quiet", fault="checkpoint_slow", address=ray_address)  # the checkpoint after the first signal takes 4 s
     wait_for_rows(tmp_path / "runs" / "twice" / "metrics.csv", 20, proc)
     proc.send_signal(sig)
     time.sleep(1.5)  # the driver is now writing the checkpoint
@@ -237,10 +239,10 @@ def test_a_signal_during_start_up_stops_at_once_and_writes_nothing(make_job, tmp
     assert not processes_of_session(proc.pid)  # the run's own Ray went with it
 
 
-def test_a_signal_while_a_resumed_run_starts_leaves_its_checkpoint_and_metrics_untouched(make_job, tmp_path):
+def test_a_signal_while_a_resumed_run_starts_leaves_its_checkpoint_and_metrics_untouched(ray_address, make_job, tmp_path):
     job = make_job(name="again", rows=100, train={"steps": 6, "checkpoint_every": 3})
     out = tmp_path / "runs" / "again"
-    assert cli(job, "--quiet", fault="model_written").returncode == 3  # dies with the checkpoint of step 3 its newest
+    assert cli(job, "--quiet", fault="model_written", address=ray_address).returncode == 3  # dies with the checkpoint of step 3 its newest
     kept = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     proc = start(job, "--resume", "--quiet", fault="pause_actors")
     err = paused_then_signalled(proc, "pause_actors", signal.SIGINT)
