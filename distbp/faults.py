@@ -34,6 +34,12 @@ def armed(point, step=None):
     return False
 
 
+def armed_any():
+    """Whether DISTBP_FAULT names any point (then no idle actor is reused: a fault fires once
+    per process)."""
+    return bool(os.environ.get(ENV))
+
+
 def hit(point, step=None):
     """Fail here if DISTBP_FAULT names this point. Kills (os._exit, ray.kill) are done by the
     caller's own code where they need an actor; the rest happen here."""

@@ -52,7 +52,8 @@ class Trainer:
         """Start the actors, read and check the shards, and start the parameter actors from
         the seeded init or from `ckpt`. Needs Ray; touches nothing on disk."""
         job, spec = self.job, prep.spec
-        self.actors = Actors(job, prep, self.phases, self.log)
+        reuse = self.keep_ray and cluster.holds_embedded() and not faults.armed_any()
+        self.actors = Actors(job, prep, self.phases, self.log, reuse=reuse)
         if ckpt is None:
             start = Start(nn.init_params(spec, np.random.default_rng(job.seed)))
         else:

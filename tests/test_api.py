@@ -1,5 +1,6 @@
 """The Python API's Ray: the first distbp.train of a process starts an embedded Ray and keeps
-it for the later calls; distbp.shutdown() (or exit) ends it; a Ray the caller started stays."""
+it for the later calls, with the run's actors idle for the next; distbp.shutdown() (or exit)
+ends it; a Ray the caller started stays, and no idle actor waits in it."""
 
 import json
 import os
@@ -20,13 +21,22 @@ def train(name, **extra):
         weights = {k: z[k].tobytes().hex() for k in z.files}
     return {"ray_start": result.phases["ray_start"], "gcs": ray.get_runtime_context().gcs_address, "weights": weights}
 
+def idle_pids():  # the processes of the actors kept for the next call
+    from distbp.runtime.actors import _IDLE
+    return sorted(w["pid"] for w in ray.get([a.where.remote() for a in _IDLE["workers"] + _IDLE["servers"]]))
+
 report["first"] = train("first")
+report["idle_first"] = idle_pids()
 report["second"] = train("second")
+report["idle_second"] = idle_pids()
+report["other_shapes"] = train("other", model__layers=[2, 5, 3], cluster__workers=3)
+report["again"] = train("again")
 report["more_cpus"] = train("more", cluster__workers=int(ray.cluster_resources()["CPU"]) + 1)
 distbp.shutdown()
 report["after_shutdown"] = ray.is_initialized()
 ray.init(address="local", num_cpus=3, include_dashboard=False)
 report["theirs"] = train("theirs")
+report["idle_theirs"] = idle_pids()
 distbp.shutdown()
 report["theirs_after_shutdown"] = ray.is_initialized()
 print(json.dumps(report))
@@ -42,7 +52,12 @@ def test_train_keeps_one_embedded_ray_until_shutdown_and_leaves_the_callers_alon
     first, second, more, theirs = report["first"], report["second"], report["more_cpus"], report["theirs"]
     assert first["ray_start"] > 0 and second["ray_start"] == 0  # the second call found the first one's Ray
     assert second["gcs"] == first["gcs"] and second["weights"] == first["weights"]
+    # the second call renewed the first one's actors (2 workers, 1 parameter actor) instead of
+    # starting new ones, and a call of other shapes and worker count between changes no bit
+    assert len(report["idle_first"]) == 3 and report["idle_second"] == report["idle_first"]
+    assert report["other_shapes"]["weights"] != first["weights"] and report["again"]["weights"] == first["weights"]
     assert more["gcs"] != first["gcs"] and more["ray_start"] > 0  # too few CPUs: a new embedded Ray
     assert report["after_shutdown"] is False
     assert theirs["ray_start"] == 0 and theirs["weights"] == first["weights"]
+    assert report["idle_theirs"] == []  # no idle actor holds a CPU of the caller's Ray
     assert report["theirs_after_shutdown"] is True  # the caller's Ray is not distbp's to shut down

@@ -55,6 +55,56 @@ def kill(actor):
         pass
 
 
+# Idle actors kept between the runs of one process on the Ray it started (distbp.train and the
+# estimators, cluster.keep): a later run with the same worker options renews them instead of
+# starting new processes (about 1 s a run on 2 cores). {"job": the Ray job they belong to,
+# "key": their options, "workers": [...], "servers": [...]}. A run takes them all at its
+# start and kills the ones it cannot use, so no idle actor holds a CPU while a run places its own.
+_IDLE = {"job": None, "key": None, "workers": [], "servers": []}
+PARK_S = 5  # an actor that does not park within this is killed instead
+
+
+def _ray_job():
+    """This driver's job on this Ray start (job ids begin anew with each Ray; node ids do not)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return ctx.get_job_id(), ctx.get_node_id()
+
+
+def take_idle(key):
+    """The idle (workers, servers) of this Ray job with worker options `key`; every other
+    idle actor is killed. The pool is empty afterwards."""
+    idle = dict(_IDLE)
+    _IDLE.update(job=None, key=None, workers=[], servers=[])
+    if idle["job"] != _ray_job():  # another Ray (or none kept): those handles are gone with it
+        return [], []
+    if idle["key"] != key:
+        for actor in idle["workers"] + idle["servers"]:
+            kill(actor)
+        return [], []
+    return idle["workers"], idle["servers"]
+
+
+def park_idle(key, workers, servers):
+    """Keep the actors that park within PARK_S for the next run; kill the rest."""
+    import ray
+
+    refs = [a.park.remote() for a in workers + servers]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PARK_S)
+    parked = []
+    for actor, ref in zip(workers + servers, refs):
+        try:
+            if ref in ready and ray.get(ref):
+                parked.append(actor)
+                continue
+        except ray.exceptions.RayError:  # it failed or was lost: not kept
+            kill(actor)
+            continue
+        kill(actor)
+    _IDLE.update(job=_ray_job(), key=key, workers=[a for a in workers if a in parked], servers=[a for a in servers if a in parked])
+
+
 @dataclass
 class Start:
     """Where the parameter actors start: weights, optimizer state, the last applied step and
@@ -69,7 +119,7 @@ class Start:
 class Actors:
     """The workers and parameter actors of one run, and what the driver learned loading them."""
 
-    def __init__(self, job, prep, phases=None, log=None):
+    def __init__(self, job, prep, phases=None, log=None, reuse=False):
         self.job, self.prep, self.spec = job, prep, prep.spec
         self.phases = phases if phases is not None else {}
         self.log = log or (lambda msg: None)
@@ -84,6 +134,10 @@ class Actors:
         self.plans = self._plans(job.cluster.workers)
         self.workers, self.servers = [], []
         self.reshard_due = False  # the worker count changed and not every worker holds its new rows yet
+        # Idle actors of an earlier run are reused on one node, with the parameter actors on the
+        # driver's node (on several nodes, placement decides where a run's actors go).
+        self.reuse = reuse and not self.per_worker and not job.cluster.parameter_resources
+        self.idle_workers, self.idle_servers = [], []
 
     def _cut(self, S):
         """Cut the flat vector into S slices, one per parameter actor."""
@@ -111,7 +165,15 @@ class Actors:
         ]
 
     # -- start ---------------------------------------------------------------------------
+    def _reuse_key(self):
+        c = self.job.cluster
+        return (c.cpus_per_worker, c.blas_kernel)
+
     def _new_worker(self, plan):
+        if self.idle_workers:
+            worker = self.idle_workers.pop()
+            worker.renew.remote(plan, self.slices)  # before any call of the run (one queue)
+            return worker
         options = dict(num_cpus=self.job.cluster.cpus_per_worker, scheduling_strategy="SPREAD")
         pin = blas.runtime_env(self.job.cluster.blas_kernel)  # set before the process loads numpy
         if pin:
@@ -123,6 +185,8 @@ class Actors:
         at `start` (the seeded init, or a checkpoint). Touches no disk."""
         job = self.job
         t = time.perf_counter()
+        if _IDLE["workers"] or _IDLE["servers"]:  # none of them holds a CPU while this run places its own
+            self.idle_workers, self.idle_servers = take_idle(self._reuse_key() if self.reuse else None)
         self.workers = [self._new_worker(plan) for plan in self.plans]
         if not self.per_worker:
             self.start_servers(start)  # they start while the workers start and read
@@ -130,6 +194,9 @@ class Actors:
         if self.per_worker:  # each beside its worker: the workers' nodes are known now
             self.start_servers(start)
         get([ping(a) for a in self.servers])
+        for actor in self.idle_workers + self.idle_servers:  # more than this run needs
+            kill(actor)
+        self.idle_workers, self.idle_servers = [], []
         self.phases["actor_start"] = time.perf_counter() - t
         t = time.perf_counter()
         summaries = get([w.load.remote() for w in self.workers])
@@ -175,9 +242,17 @@ class Actors:
             placements = [{"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}] * len(self.slices)
         cls = remote_class(ParameterServer)
         size = start.params.size
+
+        def new_server(placement, *args):
+            if self.idle_servers:
+                server = self.idle_servers.pop()
+                server.renew.remote(*args)
+                return server
+            return cls.options(num_cpus=0, **placement).remote(*args)
+
         self.servers = [
-            cls.options(num_cpus=0, **placement).remote(
-                start.params[a:b], kwargs, slice_state(start.opt_state, a, b, size), bounds, start.step,
+            new_server(
+                placement, start.params[a:b], kwargs, slice_state(start.opt_state, a, b, size), bounds, start.step,
                 None if start.best_params is None else start.best_params[a:b], self.spec.num_layers,
             )
             for (a, b), bounds, placement in zip(self.slices, self.bounds, placements)
@@ -294,8 +369,12 @@ class Actors:
         self.servers = []
 
     def close(self):
-        for actor in self.workers + self.servers:
-            kill(actor)
+        """Kill every actor, or with `reuse`, keep the ones that park for the next run."""
+        if self.reuse:
+            park_idle(self._reuse_key(), self.workers, self.servers)
+        else:
+            for actor in self.workers + self.servers:
+                kill(actor)
         self.workers, self.servers = [], []
 
 

@@ -144,6 +144,12 @@ def keep(address, num_cpus, timeout_s=30, phases=None):
     return False
 
 
+def holds_embedded():
+    """Whether this process keeps an embedded Ray it started itself (`keep`): its CPUs are
+    distbp's own, so idle actors may wait there for the next run."""
+    return _KEPT["held"] and _KEPT["address"] is None
+
+
 def shutdown():
     """Shut down the Ray that `keep` started or joined, if any; a Ray the caller started is
     left alone."""

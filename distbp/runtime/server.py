@@ -33,6 +33,19 @@ class ParameterServer:
     def ping(self):
         return True
 
+    def park(self):
+        """Drop the run's links and state; the process waits, idle, for a later run to `renew` it."""
+        if self.__dict__:
+            self.disconnect()
+            self.__dict__.clear()
+        return True
+
+    def renew(self, *args):
+        """Start over as a new run's parameter actor, exactly as a new actor would."""
+        self.park()
+        self.__init__(*args)
+        return True
+
     def where(self):
         import os
 

@@ -63,6 +63,20 @@ class ShardWorker:
     def ping(self):
         return True
 
+    def park(self):
+        """Drop the run's links, rows and weights: the process waits, idle, for a later run of
+        the same process's kept Ray (distbp.train, the estimators) to `renew` it."""
+        if self.__dict__:
+            self.disconnect()
+            self.__dict__.clear()
+        return True
+
+    def renew(self, plan, param_slices):
+        """Start over as a new run's worker, exactly as a new actor would."""
+        self.park()
+        self.__init__(plan, param_slices)
+        return True
+
     def set_slices(self, slices):
         """Where the parameter actors' slices now lie (cut anew when their count changed)."""
         self.slices = [tuple(s) for s in slices]
