@@ -53,7 +53,8 @@ def build(name, rank=0, workers=1):
 
 
 def timed_steps(model, loss_fn, x, y, steps, sync=lambda: None):
-    """Per-step seconds of `steps` SGD steps after WARMUP untimed ones."""
+    """Per-step seconds of WARMUP + `steps` SGD steps (summary leaves the WARMUP ones out of
+    the per-step figures)."""
     import torch
 
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -64,13 +65,14 @@ def timed_steps(model, loss_fn, x, y, steps, sync=lambda: None):
         loss_fn(model(x), y).backward()
         opt.step()
         sync()
-        if i >= WARMUP:
-            times.append(time.perf_counter() - t)
+        times.append(time.perf_counter() - t)
     return times
 
 
 def summary(times, startup):
-    return {"sec_per_step": statistics.median(times), "sec_per_step_min": min(times), "steps": len(times), "startup_sec": startup}
+    """`train_sec`: every step, warm-up included (what a whole run's training takes)."""
+    timed = times[WARMUP:]
+    return {"sec_per_step": statistics.median(timed), "sec_per_step_min": min(timed), "steps": len(timed), "startup_sec": startup, "train_sec": sum(times)}
 
 
 def run_torch(name, threads, steps):
