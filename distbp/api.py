@@ -9,7 +9,7 @@ import numpy as np
 from distbp.backprop import nn
 from distbp.data import tables
 from distbp.data.job import Job, job_from_dict, load_job
-from distbp.errors import DataError, DistbpError
+from distbp.errors import DataError, DistbpError, UsageError
 from distbp.run.model import Model, load_model
 
 
@@ -78,6 +78,19 @@ _API_WORDS = [
     (re.compile(r"--out\b"), "output__dir="),
     (re.compile(r"--set ([\w.]+)="), lambda m: m.group(1).replace(".", "__") + "="),
 ]
+
+
+def init(num_cpus=None, address=None):
+    """Start now the Ray that distbp.train and the estimators keep (otherwise the first call
+    does): an embedded, loopback-only Ray with `num_cpus` CPUs (default: every CPU of the
+    machine), or join `address`. A Ray already running in this process is used as it is.
+    Like the first call's Ray, it is distbp's: idle actors wait in it between calls, and it
+    shuts down at exit or at `distbp.shutdown()`."""
+    from distbp.runtime import cluster
+
+    if num_cpus is not None and (isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1):
+        raise UsageError(f"distbp.init: num_cpus: expected a whole number of at least 1, got {num_cpus!r}")
+    cluster.keep(address, num_cpus or 1, cpus=num_cpus)
 
 
 def shutdown():

@@ -34,16 +34,20 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """The test session's Ray: started once, embedded, loopback only."""
+    """The test session's Ray: started once, embedded, loopback only, with NUM_CPUS CPUs, by
+    distbp.init as a user's notebook may start it. It is distbp's own Ray then, so the Python
+    API and the estimators keep idle actors in it between calls, as they do for users."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    import distbp
+
+    distbp.init(num_cpus=NUM_CPUS)
     yield ray
-    ray.shutdown()
+    distbp.shutdown()
+    ray.shutdown()  # if a test started one of its own
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_address(ray_session):
     """The session Ray's address: CLI subprocesses join it with --address instead of starting
     Ray of their own (4-6 s each on 2 cores). The tests of the embedded start itself (signals

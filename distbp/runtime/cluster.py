@@ -122,12 +122,13 @@ def connect(address, num_cpus, timeout_s=30, phases=None):
 _KEPT = {"held": False, "address": None, "cpus": 0, "exit_hook": False}
 
 
-def keep(address, num_cpus, timeout_s=30, phases=None):
+def keep(address, num_cpus, timeout_s=30, phases=None, cpus=None):
     """For Python callers (distbp.train, the estimators): like `connect`, but the Ray it starts
     or joins is kept for the later calls of the process, and shut down at exit or by
     `shutdown()`. A Ray the caller started is used and never shut down. An embedded Ray is
     started with every CPU of the machine (at least `num_cpus`); a later call that needs more
-    CPUs, or another address, gets a new one. Returns False: the caller shuts nothing down."""
+    CPUs, or another address, gets a new one; `cpus` sets the embedded Ray's CPUs instead
+    (distbp.init). Returns False: the caller shuts nothing down."""
     phases = {} if phases is None else phases
     ray = sys.modules.get("ray")  # not imported here before choose_mode
     if ray is not None and ray.is_initialized():
@@ -136,7 +137,7 @@ def keep(address, num_cpus, timeout_s=30, phases=None):
             phases.update(imports=0.0, ray_start=0.0)
             return False
         shutdown()  # ours, but not what this call asks for
-    cpus = max(os.cpu_count() or 1, num_cpus)
+    cpus = cpus or max(os.cpu_count() or 1, num_cpus)
     if connect(address, cpus, timeout_s, phases):
         if not _KEPT["exit_hook"]:
             atexit.register(shutdown)
