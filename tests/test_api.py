@@ -7,6 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+import distbp
+from distbp.errors import UsageError
+
 SCRIPT = r"""
 import json, sys
 import numpy as np
@@ -61,3 +66,9 @@ def test_train_keeps_one_embedded_ray_until_shutdown_and_leaves_the_callers_alon
     assert theirs["ray_start"] == 0 and theirs["weights"] == first["weights"]
     assert report["idle_theirs"] == []  # no idle actor holds a CPU of the caller's Ray
     assert report["theirs_after_shutdown"] is True  # the caller's Ray is not distbp's to shut down
+
+
+def test_init_refuses_a_cpu_count_that_is_not_a_whole_number():
+    for bad in (0, -2, 2.5, True, "4"):
+        with pytest.raises(UsageError, match=r"^distbp.init: num_cpus: expected a whole number of at least 1, got "):
+            distbp.init(num_cpus=bad)
