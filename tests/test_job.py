@@ -109,6 +109,32 @@ def test_round_trip_through_yaml(tmp_path):
     assert not {"source", "base_dir"} & set(yaml.safe_load(text))
 
 
+def test_an_alias_bomb_is_refused_at_once_in_one_line(tmp_path):
+    # 10 levels of 10 aliases each: 10**10 strings once expanded (the parser alone would run
+    # out of memory or time); refused at the first alias, naming the file and line
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"l{i}: &l{i} [{','.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)]
+    path = write(tmp_path, "\n".join(["data: {path: d.parquet}", "model: {layers: [2, 3]}", *lines]) + "\n")
+    assert path.stat().st_size < 1000
+    with pytest.raises(JobError, match=r"job.yaml: line 4: invalid YAML: aliases \(\*name\) are not allowed in a job file") as info:
+        load_job(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(JobError, match=r"--set model.layers=\*l0: the value is not valid YAML \(aliases"):
+        apply_override({}, "model.layers=*l0")
+
+
+def test_job_yaml_written_for_a_run_has_no_aliases(tmp_path):
+    from distbp.run import rundir
+
+    shared = ["x1", "x2"]  # one list in two places: yaml.safe_dump would write &id001 and *id001
+    job = {"data": {"path": "d.parquet", "features": shared}, "model": {"layers": [2, 3], "activation": shared}}
+    assert "&id001" in yaml.safe_dump(job)
+    rundir.write_job(str(tmp_path), job)
+    text = (tmp_path / "job.yaml").read_text()
+    assert "&" not in text and "*" not in text
+    assert yaml.safe_load(text) == job
+
+
 def test_job_to_dict_has_every_key_resolved():
     d = job_to_dict(job_from_dict(MINIMAL))
     assert list(d) == ["name", "seed", "data", "model", "train", "cluster", "output"]

@@ -471,6 +471,22 @@ def _build(raw: Any, source: str, base_dir: str, default_name: str) -> Job:
     return Job(name, seed, **sections, source=source, base_dir=base_dir)
 
 
+class _JobLoader(yaml.SafeLoader):
+    """Job files are plain YAML: an alias (`*name`) is refused, since a few hundred bytes of
+    nested aliases expand to gigabytes. distbp writes its own job.yaml without any."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a job file; write the value out", mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str):
+    """A job file's (or a --set value's) YAML, without aliases."""
+    return yaml.load(text, Loader=_JobLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def apply_override(d: dict, assignment: str) -> None:
     """Apply `key.path=value` to the raw job dict in place; the value is parsed as YAML."""
     key, eq, text = assignment.partition("=")
@@ -478,7 +494,7 @@ def apply_override(d: dict, assignment: str) -> None:
     if not eq or not all(parts):
         raise JobError(f"--set {assignment}: expected key.path=value", "e.g. --set train.optimizer.lr=0.001")
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError as err:
         raise JobError(f"--set {assignment}: the value is not valid YAML ({getattr(err, 'problem', err)})") from None
     except (ValueError, RecursionError) as err:  # e.g. an impossible date like 2024-13-40, or [[[[...
@@ -516,7 +532,7 @@ def load_job(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Job:
         reason = getattr(err, "strerror", None) or err
         raise JobError(f"{source}: cannot read the job file ({reason})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""

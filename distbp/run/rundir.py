@@ -55,8 +55,15 @@ def clear(out_dir):
             os.unlink(path)
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """No anchors or aliases, even for a value used twice: job files are read without them."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def write_job(out_dir, job_dict):
-    _write_atomic(out_dir, "job.yaml", lambda f: yaml.safe_dump(job_dict, f, sort_keys=False))
+    _write_atomic(out_dir, "job.yaml", lambda f: yaml.dump(job_dict, f, Dumper=_PlainDumper, sort_keys=False))
 
 
 def write_environment(out_dir, reports):
