@@ -24,10 +24,10 @@ def one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DistbpError as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"{err.label}: {err}", err=True)
             sys.exit(err.exit_code)
         except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
+            click.echo("stopped: interrupted", err=True)
             sys.exit(130)
         except Exception as err:  # a bug: still one line, with a way to see more
             if DEBUG:

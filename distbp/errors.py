@@ -5,6 +5,7 @@ class DistbpError(Exception):
     """Base class. `str(err)` is one line: the problem, then the fix when there is one."""
 
     exit_code = 1
+    label = "error"  # the command line's line starts "<label>: "
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)

@@ -325,8 +325,10 @@ class Trainer:
 class Interrupted(DistbpError):
     """The run stopped on a signal after writing a checkpoint; exit code 128 + signal."""
 
+    label = "stopped"  # asked for, not a failure
+
     def __init__(self, signum, step, path):
-        super().__init__(f"stopped by signal {signum} after step {step}; checkpoint {path}", hint="continue with --resume")
+        super().__init__(f"signal {signum} after step {step}; checkpoint {path}", hint="continue with --resume")
         self.exit_code = 128 + signum
 
 
@@ -334,18 +336,22 @@ class StoppedAtStart(DistbpError):
     """A signal before the first step: the run stops at once, having trained and written
     nothing (a resumed run's checkpoints are untouched); exit code 128 + signal."""
 
+    label = "stopped"  # asked for, not a failure
+
     def __init__(self, signum, step):
         where = f"; the checkpoint of step {step} is untouched" if step else "; nothing was trained or written"
-        super().__init__(f"stopped by signal {signum} during start-up{where}", hint="continue with --resume" if step else None)
+        super().__init__(f"signal {signum} during start-up{where}", hint="continue with --resume" if step else None)
         self.exit_code = 128 + signum
 
 
 class SecondSignal(DistbpError):
     """A second signal while the run was stopping: it stops at once; exit code 128 + signal."""
 
+    label = "stopped"  # asked for, not a failure
+
     def __init__(self, signum, step):
         super().__init__(
-            f"stopped by a second signal {signum} after step {step}, before the checkpoint under way was written",
+            f"a second signal {signum} after step {step}, before the checkpoint under way was written",
             hint="the checkpoints written before are kept; continue with --resume",
         )
         self.exit_code = 128 + signum

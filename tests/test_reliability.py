@@ -112,7 +112,7 @@ def test_sigint_checkpoints_and_resume_is_bit_identical(ray_address, make_job, t
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "stopped by signal 2 after step" in err and "--resume" in err
+    assert err.strip().splitlines()[-1].startswith("stopped: signal 2 after step") and "--resume" in err
     steps = checkpoint.list_steps(tmp_path / "runs" / "int" / "checkpoints")
     assert len(steps) == 1 and 20 <= steps[0] < 3000
     joined = ["--address", ray_address]  # the signalled run started Ray itself; the resumes join the session's

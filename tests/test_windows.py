@@ -182,7 +182,7 @@ def test_sigterm_checkpoints_and_exits_143(make_job, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert err.strip().splitlines()[-1].startswith("error: stopped by signal 15 after step") and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("stopped: signal 15 after step") and "Traceback" not in err
     assert len(checkpoint.list_steps(str(tmp_path / "runs" / "term" / "checkpoints"))) == 1
 
 
@@ -197,7 +197,7 @@ def test_a_second_signal_stops_at_once_with_its_own_exit_code(ray_address, make_
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("error: ") and "second signal" in lines[-1] and "Traceback" not in err
+    assert lines[-1].startswith("stopped: ") and "second signal" in lines[-1] and "Traceback" not in err
     assert checkpoint.list_steps(str(tmp_path / "runs" / "twice" / "checkpoints")) == []  # none half-written
     assert not [n for n in os.listdir(tmp_path / "runs" / "twice" / "checkpoints") if n.startswith(".tmp")] if (tmp_path / "runs" / "twice" / "checkpoints").exists() else True
 
@@ -234,7 +234,7 @@ def test_a_signal_during_start_up_stops_at_once_and_writes_nothing(make_job, tmp
     proc = start(job, "--quiet", fault=point)
     err = paused_then_signalled(proc, point, sig)
     assert proc.returncode == 128 + sig, err
-    assert err.strip().splitlines()[-1] == f"error: stopped by signal {sig} during start-up; nothing was trained or written", err
+    assert err.strip().splitlines()[-1] == f"stopped: signal {sig} during start-up; nothing was trained or written", err
     assert not (tmp_path / "runs" / "early").exists()
     assert not processes_of_session(proc.pid)  # the run's own Ray went with it
 
@@ -247,7 +247,7 @@ def test_a_signal_while_a_resumed_run_starts_leaves_its_checkpoint_and_metrics_u
     proc = start(job, "--resume", "--quiet", fault="pause_actors")
     err = paused_then_signalled(proc, "pause_actors", signal.SIGINT)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "error: stopped by signal 2 during start-up; the checkpoint of step 3 is untouched (continue with --resume)", err
+    assert err.strip().splitlines()[-1] == "stopped: signal 2 during start-up; the checkpoint of step 3 is untouched (continue with --resume)", err
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == kept
 
 
