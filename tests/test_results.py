@@ -6,6 +6,7 @@ resuming with another worker count."""
 import csv
 import json
 import math
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -194,3 +195,16 @@ def test_small_mistakes_get_a_line_that_names_what_was_given(tmp_path, monkeypat
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "data.path" not in lines[0] and "pickle" not in lines[0]
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_metrics_df_without_pandas_says_what_to_install(tmp_path, monkeypatch):
+    from distbp.errors import UsageError
+    from distbp.run.outputs import RunResult
+
+    (tmp_path / "metrics.csv").write_text("step,loss\n1,0.5\n2,0.25\n")
+    result = RunResult(str(tmp_path), None, None, 2)
+    assert result.metrics_df["loss"].tolist() == [0.5, 0.25]  # pandas is in the test extra
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if it were not installed: import fails
+    with pytest.raises(UsageError, match=r"^result.metrics_df needs pandas, which is not installed \(pip install pandas, or use result.metrics"):
+        result.metrics_df
+    assert result.metrics.column("step").to_pylist() == [1, 2]

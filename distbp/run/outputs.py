@@ -54,11 +54,11 @@ class RunResult:
 
     @property
     def metrics_df(self):
-        """metrics.csv as a pandas DataFrame, or None when pandas is not installed."""
+        """metrics.csv as a pandas DataFrame; UsageError when pandas is not installed."""
         try:
             import pandas  # noqa: F401
         except ImportError:
-            return None
+            raise UsageError("result.metrics_df needs pandas, which is not installed", hint="pip install pandas, or use result.metrics, a pyarrow Table") from None
         return self.metrics.to_pandas()
 
 
