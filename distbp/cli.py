@@ -162,7 +162,7 @@ def _run_with_progress(job, resume, force, quiet, verbose=False):
         progress.close()
 
 
-@main.command()
+@main.command(short_help="Check the job's backprop against central differences.")
 @click.argument("job_file", metavar="JOB", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any job key.")
 @one_line_errors
@@ -223,7 +223,7 @@ def predict(model_path, data_path, out_path):
     click.echo(f"wrote {count(rows, 'prediction')} -> {out_path}")
 
 
-@main.command()
+@main.command(short_help="Write MODEL as an ONNX graph.")
 @click.argument("model_path", metavar="MODEL")
 @click.option("-o", "--out", "out_path", required=True, help="The .onnx file to write.")
 @one_line_errors
@@ -236,7 +236,7 @@ def export(model_path, out_path):
     click.echo(f"wrote {out_path}: input X ({count(model.spec.layers[0], 'feature')}, {model.spec.dtype}), outputs {outputs}")
 
 
-@main.command()
+@main.command(short_help="Time per step against the matrix-product ceiling.")
 @click.argument("job_file", metavar="[JOB]", required=False)
 @click.option("--workload", "workloads", type=click.Choice(list(WORKLOADS)), multiple=True, help="teacher (default), tiny, wide or batch512; repeat for several.")
 @click.option("--max-workers", type=int, default=2, show_default=True, help="Time 1..N workers, 1 BLAS thread each.")

@@ -123,3 +123,11 @@ def test_an_epochs_job_runs_with_its_progress_bar(ray_session, make_job):
     result = CliRunner().invoke(main, ["run", str(job)])  # no --quiet: the bar is drawn
     assert result.exit_code == 0, result.output
     assert "done: 10 steps" in result.output
+
+
+def test_top_level_help_lists_every_command_without_cutting_its_description():
+    result = CliRunner().invoke(main, ["--help"], terminal_width=80)
+    assert result.exit_code == 0
+    commands = result.output.split("Commands:")[1].strip().splitlines()
+    assert sorted(line.split()[0] for line in commands) == sorted(main.commands)
+    assert not [line for line in commands if line.rstrip().endswith("...")], commands
