@@ -119,7 +119,23 @@ def _read_for(model: Model, data_path):
     missing = [c for c in model.features if c not in table.column_names]
     if missing:
         raise DataError(f"{data_path}: missing feature column '{missing[0]}' that the model was trained on")
-    return table, tables.features_to_numpy(table, model.features, model.spec.np_dtype)  # as the workers read them
+    x = tables.features_to_numpy(table, model.features, model.spec.np_dtype)  # as the workers read them
+    _refuse_non_finite(data_path, x, model.features)
+    return table, x
+
+
+def _refuse_non_finite(data_path, values, columns):
+    """A missing, NaN or infinite value has no score: DataError naming the column, how many
+    and the first row (0-based), instead of a NaN loss or prediction."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        column = int(np.argmax(bad.any(axis=0)))
+        rows = np.flatnonzero(bad[:, column])
+        raise DataError(
+            f"{data_path}: column '{columns[column]}' has {len(rows)} missing, NaN or infinite value{'s' if len(rows) > 1 else ''} "
+            f"(first in row {rows[0]}); such rows cannot be scored",
+            hint="drop or fill them first",
+        )
 
 
 def evaluate(model_path, data_path):
@@ -139,6 +155,7 @@ def evaluate(model_path, data_path):
         y = tables.encode_labels(tables.label_values(table, label), model.classes, column=label)
     else:
         y = tables.targets_to_numpy(table, model.labels, model.spec.np_dtype)  # as the workers encode them
+        _refuse_non_finite(data_path, y.reshape(len(y), -1), model.labels)
     if not len(x):
         raise DataError(f"{data_path}: no rows to evaluate")
     loss_sum, correct = nn.evaluate(model.spec, model.params, model.standardized(x), y)

@@ -985,3 +985,31 @@ def test_found_bugs_in_models_plots_and_data_make(tmp_path, assets, bug):
     folder = new_folder(tmp_path)
     put(assets, folder, "data.parquet")
     refused(folder, KNOWN_BUGS[bug](folder, assets))
+
+
+@pytest.mark.parametrize("value", [float("nan"), None, float("inf")])
+def test_eval_and_predict_refuse_rows_they_cannot_score(tmp_path, assets, value):
+    folder = new_folder(tmp_path)
+    put(assets, folder, "model.npz")
+    table = assets["table"]
+    x1 = table.column("x1").to_pylist()
+    x1[5] = x1[9] = value
+    tables.write_table(table.set_column(table.column_names.index("x1"), "x1", pa.array(x1, pa.float64())), str(folder / "holes.parquet"))
+    (folder / "pred.csv").write_text("kept\n")  # an earlier output is never damaged
+    for command in (["eval", "model.npz", "holes.parquet"], ["eval", "model.npz", "holes.parquet", "--json"], ["predict", "model.npz", "holes.parquet", "-o", "pred.csv"]):
+        line = refused(folder, command)
+        assert line == "error: holes.parquet: column 'x1' has 2 missing, NaN or infinite values (first in row 5); such rows cannot be scored (drop or fill them first)", line
+    assert (folder / "pred.csv").read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("name", ["W1", "b2", "x_std"])
+def test_a_model_with_nan_weights_is_refused_by_eval_predict_and_export(tmp_path, assets, name):
+    folder = new_folder(tmp_path)
+    put(assets, folder, "data.parquet")
+    arrays = dict(assets["arrays"])
+    arrays[name] = arrays[name].copy()
+    arrays[name].flat[0] = np.nan
+    np.savez(folder / "model.npz", **arrays)
+    for command in (["eval", "model.npz", "data.parquet"], ["predict", "model.npz", "data.parquet", "-o", "p.csv"], ["export", "model.npz", "-o", "m.onnx"]):
+        line = refused(folder, command)
+        assert line.startswith(f"error: model.npz: {name}: holds NaN or infinite values; a model must hold finite numbers"), line

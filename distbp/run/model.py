@@ -151,6 +151,9 @@ def _check_fits(path, spec, meta, arrays):
                 raise UsageError(f"{path}: not a distbp model.npz (no {name!r})")
             if array.shape != shape or array.dtype.kind != "f":
                 raise UsageError(f"{path}: {name}: expected floats of shape {shape}, got {array.dtype} {array.shape}")
+    for name in [f"{kind}{l}" for l in range(1, spec.num_layers + 1) for kind in "Wb"] + ["x_mean", "x_std"]:
+        if name in arrays and arrays[name].dtype.kind == "f" and not np.isfinite(arrays[name]).all():
+            raise UsageError(f"{path}: {name}: holds NaN or infinite values; a model must hold finite numbers (was it written by a run that diverged?)")
     if ("x_mean" in arrays) != ("x_std" in arrays):
         raise UsageError(f"{path}: x_mean and x_std come together, found only one")
     for name in ("x_mean", "x_std"):
