@@ -32,6 +32,8 @@ import os
 import shlex
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -1013,3 +1015,17 @@ def test_a_model_with_nan_weights_is_refused_by_eval_predict_and_export(tmp_path
     for command in (["eval", "model.npz", "data.parquet"], ["predict", "model.npz", "data.parquet", "-o", "p.csv"], ["export", "model.npz", "-o", "m.onnx"]):
         line = refused(folder, command)
         assert line.startswith(f"error: model.npz: {name}: holds NaN or infinite values; a model must hold finite numbers"), line
+
+
+def test_a_fifo_as_data_is_refused_at_once_instead_of_hanging(tmp_path, assets):
+    folder = new_folder(tmp_path)
+    put(assets, folder, "model.npz")
+    os.mkfifo(folder / "rows.csv")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    for args in (["eval", "model.npz", "rows.csv"], ["predict", "model.npz", "rows.csv", "-o", "p.csv"]):
+        proc = subprocess.run([sys.executable, "-m", "distbp", *args], cwd=folder, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr == "error: rows.csv is not a regular file or a folder (copy the rows into a file first)\n", proc.stderr
+    (folder / "job.yaml").write_text(yaml.safe_dump({**base_job(), "data": {"path": "rows.csv", "label": "label"}}))
+    proc = subprocess.run([sys.executable, "-m", "distbp", "run", "job.yaml"], cwd=folder, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == f"error: data.path: {folder / 'rows.csv'} is not a regular file or a folder (copy the rows into a file first)\n", proc.stderr
+    assert not (folder / "runs").exists()

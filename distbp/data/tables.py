@@ -81,6 +81,8 @@ def _list_files(path: str) -> list[str]:
             return [os.path.abspath(p) for p in files]
         if not os.path.exists(path):
             raise DataError(f"data.path: {path} does not exist")
+        if not os.path.isfile(path):  # a pipe, socket or device would block a reader, or never end
+            raise DataError(f"data.path: {path} is not a regular file or a folder", hint="copy the rows into a file first")
         return [os.path.abspath(path)]
     try:
         fs, root = pafs.FileSystem.from_uri(path)
