@@ -1029,3 +1029,25 @@ def test_a_fifo_as_data_is_refused_at_once_instead_of_hanging(tmp_path, assets):
     proc = subprocess.run([sys.executable, "-m", "distbp", "run", "job.yaml"], cwd=folder, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr == f"error: data.path: {folder / 'rows.csv'} is not a regular file or a folder (copy the rows into a file first)\n", proc.stderr
     assert not (folder / "runs").exists()
+
+
+def test_a_model_whose_header_declares_more_than_the_file_holds_is_refused_before_reading(tmp_path, assets):
+    import io
+    import zipfile
+
+    folder = new_folder(tmp_path)
+    put(assets, folder, "data.parquet")
+    with zipfile.ZipFile(folder / "model.npz", "w") as zf:
+        for name, array in assets["arrays"].items():
+            buf = io.BytesIO()
+            header = np.lib.format.header_data_from_array_1_0(array)
+            if name == "W1":  # 745 GiB declared, 64 bytes of data behind it
+                header["shape"] = (10**10, 10)
+            np.lib.format.write_array_header_1_0(buf, header)
+            buf.write(array.tobytes())
+            zf.writestr(f"{name}.npy", buf.getvalue())
+    for command in (["eval", "model.npz", "data.parquet"], ["export", "model.npz", "-o", "m.onnx"]):
+        line = refused(folder, command)
+        assert line == "error: model.npz: W1: its header declares float64 (10000000000, 10) (800,000,000,000 bytes), the file holds 192", line
+    os.mkfifo(folder / "pipe.npz")
+    assert refused(folder, ["eval", "pipe.npz", "data.parquet"]) == "error: pipe.npz: not a regular file (a pipe, socket or device)"

@@ -6,6 +6,7 @@ label column(s) and the classes in sorted order. Nothing in it needs pickle.
 """
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,11 +97,16 @@ def load_model(path):
     file whose arrays do not fit its spec, is a UsageError naming the file and what is wrong."""
     import zipfile
 
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise UsageError(f"{path}: not a regular file (a pipe, socket or device)")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
-        if magic != b"PK\x03\x04" and not magic.startswith(b"\x93NUM"):
+        if magic.startswith(b"\x93NUM"):
+            raise UsageError(f"{path}: not a distbp model.npz (a single .npy array)")
+        if magic != b"PK\x03\x04":
             raise UsageError(f"{path}: not a distbp model.npz (not an npz file)")
+        _check_headers(path)
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except UsageError:
@@ -139,6 +145,27 @@ def load_model(path):
     params = np.concatenate([np.concatenate([arrays[f"W{l}"].ravel(), arrays[f"b{l}"]]) for l in range(1, spec.num_layers + 1)]).astype(spec.np_dtype)
     x_mean, x_std = arrays.get("x_mean"), arrays.get("x_std")
     return Model(spec, params, task, meta["features"], meta["labels"], meta["classes"], x_mean, x_std)
+
+
+def _check_headers(path):
+    """Before any array is read: each member's .npy header may not declare more bytes than the
+    member holds (a forged header would otherwise ask for any amount of memory)."""
+    import math
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            name = info.filename.removesuffix(".npy")
+            try:
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+            except ValueError as err:
+                raise UsageError(f"{path}: {name}: not a .npy array ({err})") from None
+            declared = math.prod(shape) * dtype.itemsize
+            if dtype.hasobject or declared > info.file_size:
+                raise UsageError(f"{path}: {name}: its header declares {dtype} {tuple(shape)} ({declared:,} bytes), the file holds {info.file_size:,}")
 
 
 def _check_fits(path, spec, meta, arrays):
