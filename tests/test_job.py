@@ -485,3 +485,10 @@ def test_parameter_servers_takes_auto_per_worker_or_a_count():
         assert error_of(minimal(cluster={"parameter_servers": bad})).startswith(
             "job.yaml: cluster.parameter_servers: expected auto, per_worker or an integer >= 1, got ")
     assert "did you mean 'per_worker'?" in error_of(minimal(cluster={"parameter_servers": "per-worker"}))
+
+
+@pytest.mark.parametrize("width", [10**9, 10**21])
+def test_a_model_too_large_to_hold_is_refused_at_validation(width):
+    text = error_of(minimal(model={"layers": [2, width, 3]}))
+    assert text.startswith("job.yaml: model.layers: these widths give ") and "distbp trains at most 2,147,483,647 (2**31 - 1)" in text, text
+    assert job_from_dict(minimal(model={"layers": [2, 46000, 3]}), source="job.yaml").model.layers[1] == 46000  # 230,003 parameters: fine

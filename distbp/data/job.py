@@ -188,10 +188,17 @@ def _section_field(cls, optional=False):
     return field(default_factory=cls, metadata={"check": check, "default": None})
 
 
+MAX_PARAMS = 2**31 - 1  # 8 GiB per copy in float32; every worker and parameter actor holds several
+
+
 def _check_layers(src, key, v):
     if not isinstance(v, list) or len(v) < 2:
         raise job_error(src, key, f"expected a list of at least 2 widths (inputs .. outputs), got {_show(v)}")
-    return [_number(src, f"{key}[{i}]", w, integer=True, ge=1) for i, w in enumerate(v)]
+    widths = [_number(src, f"{key}[{i}]", w, integer=True, ge=1) for i, w in enumerate(v)]
+    params = sum(a * b + b for a, b in zip(widths, widths[1:]))
+    if params > MAX_PARAMS:
+        raise job_error(src, key, f"these widths give {params:.3g} parameters, distbp trains at most {MAX_PARAMS:,} (2**31 - 1)")
+    return widths
 
 
 def _check_activation(src, key, v):
