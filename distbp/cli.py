@@ -117,6 +117,10 @@ def run(job_file, workers, address, out_dir, resume, force, sets, quiet, verbose
         else:
             click.echo(f"ok: {job.source}: {count(prep.source.num_rows, 'row')}, {count(len(prep.features), 'feature')}, {count(prep.spec.num_params, 'parameter')}")
         return
+    # Every error of the run's actors is distbp's to handle (a lost worker is recovered and
+    # reported in one line); Ray's own "Unhandled error" tracebacks of the steps that a failure
+    # cut short would only add noise. This process is the command's own.
+    os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
     result = _run_with_progress(job, resume, force, quiet, verbose)
     if result.already_finished:
         click.echo(f"{result.out_dir}: already finished at step {result.steps}")

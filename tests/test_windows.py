@@ -75,6 +75,15 @@ def test_worker_lost_right_after_an_evaluation_step_keeps_that_row(ray_session, 
     assert same_weights(got.model_path, want.model_path)
 
 
+def test_a_recovered_worker_is_reported_in_its_own_lines_without_ray_tracebacks(ray_address, make_job, tmp_path):
+    job = make_job(name="quiet", rows=200, train={**JOB["train"], "steps": 300, "checkpoint_every": 100})
+    run = cli(job, fault="worker_after_eval@8", address=ray_address)  # not --quiet: stderr as a user sees it piped
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert "warning: worker 1 lost; starting a replacement (1 of at most 3)" in lines and "recovered: going on from step 9" in lines, lines
+    assert all(line.startswith(("warning: ", "recovered: ", "step ")) for line in lines), lines  # no Ray logging, no traceback
+
+
 # -- 2. a finished run without a model -------------------------------------------------------
 def test_a_kill_between_model_and_done_checkpoint_never_leaves_a_finished_run_without_model(ray_address, make_job, tmp_path):
     job = make_job(name="w2", rows=100, train={"steps": 6, "checkpoint_every": 3})
