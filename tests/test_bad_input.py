@@ -266,6 +266,7 @@ def test_on_nan_drop_trains_on_the_finite_rows_only(ray_session, tmp_path):
     result = CliRunner().invoke(main, ["run", str(job), "--verbose"])
     assert result.exit_code == 0, result.output
     assert f"{ROWS - 4} training rows" in result.output and "engine direct" in result.output
+    assert f"data.on_nan: drop: skipped 4 rows holding NaN or inf values; {ROWS - 4} training rows left" in result.output.splitlines()
 
     keep = np.setdiff1d(np.arange(ROWS), [3, 10, 20, 41])
     clean = tmp_path / "clean.parquet"

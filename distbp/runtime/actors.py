@@ -203,6 +203,9 @@ class Actors:
         self.blas = [s.blas for s in summaries]
         self.classes, mean, std, self.n_train = merge_summaries(job, self.prep, summaries)
         self.mean, self.std = mean, std
+        dropped = sum(s.dropped for s in summaries)
+        if dropped:
+            self.log(f"data.on_nan: drop: skipped {count(dropped, 'row')} holding NaN or inf values; {count(self.n_train, 'training row')} left")
         rows = self._prepare(summaries)
         self.phases["data_read"] = time.perf_counter() - t
         self.has_val = any(r.get("val", 0) for r in rows)
