@@ -1,6 +1,7 @@
 """Tests for distbp.data.job: the job-file schema, its defaults, its checks and its error messages."""
 
 import copy
+import csv
 import os
 import subprocess
 import sys
@@ -492,3 +493,46 @@ def test_a_model_too_large_to_hold_is_refused_at_validation(width):
     text = error_of(minimal(model={"layers": [2, width, 3]}))
     assert text.startswith("job.yaml: model.layers: these widths give ") and "distbp trains at most 2,147,483,647 (2**31 - 1)" in text, text
     assert job_from_dict(minimal(model={"layers": [2, 46000, 3]}), source="job.yaml").model.layers[1] == 46000  # 230,003 parameters: fine
+
+
+COLUMNS = ["step", "seconds", "loss"]
+
+
+def metrics_file(tmp_path, text):
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,seconds,loss\n" + text)
+    return path
+
+
+@pytest.mark.parametrize("tail, kept", [
+    ("5,0.5,0.1", 4),        # a last row torn mid-number (no newline): cut
+    ("5", 4),                # torn inside the step field: cut, no bogus "5,," row
+    ("5,0.5\n", 4),          # a row with a field missing: dropped
+    ("3,0.5,0.2\n", 4),      # a step not after the last one: dropped
+    ("x,0.5,0.2\n", 4),      # not a step: dropped
+    ("5,0.5,0.1\n", 5),      # complete: kept
+])
+def test_resume_repairs_a_torn_metrics_csv_before_writing(tmp_path, tail, kept):
+    from distbp.run import rundir
+
+    good = "".join(f"{s},{s / 10},{1 / s}\n" for s in range(1, 5))
+    path = metrics_file(tmp_path, good + tail)
+    writer = rundir.MetricsWriter(str(path), COLUMNS, keep_until_step=5)
+    writer.write({"step": kept + 1, "seconds": 9.0, "loss": 0.01})
+    writer.close()
+    rows = path.read_text().splitlines()
+    assert rows[0] == "step,seconds,loss" and [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, kept + 2))
+    assert all(len(r.split(",")) == 3 for r in rows)
+
+
+def test_a_metrics_row_that_cannot_be_written_names_the_file(tmp_path):
+    from distbp.errors import TrainingError
+    from distbp.run import rundir
+
+    writer = rundir.MetricsWriter(str(metrics_file(tmp_path, "")), COLUMNS)
+    writer.file.close()
+    writer.file = open("/dev/full", "a", newline="")  # a real ENOSPC on every flush
+    writer.writer = csv.DictWriter(writer.file, COLUMNS)
+    with pytest.raises(TrainingError, match=r"metrics.csv: cannot write the row of step 7 \(No space left on device\) \(the checkpoints written before are kept"):
+        writer.write({"step": 7, "seconds": 1.0, "loss": 0.5})
+    writer.close()  # the torn buffer is not reported twice

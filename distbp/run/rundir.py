@@ -1,6 +1,7 @@
 """The run folder: refusing to overwrite a run, job.yaml, and the streaming metrics.csv."""
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -8,7 +9,7 @@ import shutil
 import yaml
 
 from distbp import faults
-from distbp.errors import UsageError
+from distbp.errors import TrainingError, UsageError
 
 RUN_FILES = ("job.yaml", "metrics.csv", "model.npz", "checkpoints", "plot.png", "tb", "environment.json")
 
@@ -90,18 +91,40 @@ def _write_atomic(out_dir, name, write):
     os.replace(tmp, os.path.join(out_dir, name))
 
 
+def complete_rows(path, until_step):
+    """The rows of metrics.csv to keep on resume: complete ones (every field present, a whole
+    step number and seconds) with strictly increasing steps up to `until_step`. A last line
+    without its newline was torn by a crash or a full disk and is cut."""
+    with open(path, newline="") as f:
+        text = f.read()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    kept, last = [], 0
+    for row in csv.DictReader(io.StringIO(text)):
+        if None in row or None in row.values():  # too many or too few fields
+            continue
+        try:
+            step = int(row["step"])
+            float(row["seconds"])
+        except (KeyError, ValueError):
+            continue
+        if last < step <= until_step:
+            kept.append(row)
+            last = step
+    return kept
+
+
 class MetricsWriter:
     """Appends one row per step to metrics.csv, flushed as it goes. On resume, rows after the
-    checkpoint's step are dropped first, so the file never holds a step twice: the rows kept
-    go to a temporary file that replaces metrics.csv in one rename, so a crash leaves the old
-    file or the new one, never half of one."""
+    checkpoint's step are dropped first (and torn or out-of-order rows: `complete_rows`), so
+    the file never holds a step twice: the rows kept go to a temporary file that replaces
+    metrics.csv in one rename, so a crash leaves the old file or the new one, never half of one."""
 
     def __init__(self, path, columns, keep_until_step=None):
         self.path, self.columns = path, list(columns)
         kept = []
         if keep_until_step is not None and os.path.exists(path):
-            with open(path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= keep_until_step]
+            kept = complete_rows(path, keep_until_step)
         tmp = os.path.join(os.path.dirname(path), ".metrics.csv.tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
@@ -118,12 +141,21 @@ class MetricsWriter:
         self.last_seconds = float(kept[-1]["seconds"]) if kept else 0.0
 
     def write(self, row):
-        self.writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-        self.file.flush()
+        try:
+            self.writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+            self.file.flush()
+        except OSError as err:
+            raise TrainingError(
+                f"{self.path}: cannot write the row of step {row.get('step')} ({err.strerror or err})",
+                hint="the checkpoints written before are kept, and a torn row is cut on --resume",
+            ) from None
 
     def close(self):
         if not self.file.closed:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the write that failed was reported already; what it held is torn
+                pass
 
 
 class RemoteRun:
