@@ -18,6 +18,7 @@ from distbp import api, faults
 from distbp.data import tables, rowmath
 from distbp.api import load
 from distbp.cli import main
+from distbp.run import checkpoint
 from distbp.run.model import load_model
 from distbp.trainer import Trainer
 
@@ -208,3 +209,36 @@ def test_metrics_df_without_pandas_says_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match=r"^result.metrics_df needs pandas, which is not installed \(pip install pandas, or use result.metrics"):
         result.metrics_df
     assert result.metrics.column("step").to_pylist() == [1, 2]
+
+
+def foreign_files(folder):
+    """Files another tool left where distbp keeps checkpoints and TensorBoard events."""
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (folder / "tb").mkdir(exist_ok=True)
+    (folder / "checkpoints" / "model_epoch_90.pt").write_bytes(b"torch")
+    (folder / "tb" / "events.out").write_bytes(b"theirs")
+    return {p: p.read_bytes() for p in [folder / "checkpoints" / "model_epoch_90.pt", folder / "tb" / "events.out"]}
+
+
+def test_force_refuses_a_folder_that_holds_no_distbp_run(make_job, tmp_path):
+    job = make_job(name="f1")
+    out = tmp_path / "theirs"
+    kept = foreign_files(out)
+    result = CliRunner().invoke(main, ["run", str(job), "--out", str(out), "--force"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {out}: holds checkpoints, tb but no job.yaml of a distbp run; --force replaces only a run distbp wrote (choose another folder with --out)"
+    assert {p: p.read_bytes() for p in kept} == kept and sorted(p.name for p in out.iterdir()) == ["checkpoints", "tb"]
+
+
+def test_force_replaces_a_run_but_keeps_what_distbp_did_not_write(ray_session, make_job, tmp_path):
+    job = make_job(name="f2", train={"steps": 6, "checkpoint_every": 2}, output={"tensorboard": True})
+    first = Trainer(load(job)).run()
+    out = tmp_path / "runs" / "f2"
+    kept = foreign_files(out)
+    old_events = sorted((out / "tb").glob("events.out.tfevents.*"))
+    assert old_events and checkpoint.list_steps(str(out / "checkpoints")) == [2, 4, 6]
+    second = Trainer(load(job, ["train.steps=3", "train.checkpoint_every=10"]), force=True).run()
+    assert second.steps == 3 and first.steps == 6
+    assert checkpoint.list_steps(str(out / "checkpoints")) == [3]  # the old run's checkpoints are gone
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # its event files too: only the new run's
+    assert {p: p.read_bytes() for p in kept} == kept  # the other tool's files stay

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 
 import yaml
@@ -14,8 +15,25 @@ from distbp.errors import TrainingError, UsageError
 RUN_FILES = ("job.yaml", "metrics.csv", "model.npz", "checkpoints", "plot.png", "tb", "environment.json")
 
 
+# What distbp writes inside its folders; --force removes these and nothing else there.
+OWN_ENTRIES = {
+    "checkpoints": re.compile(r"^(step-\d{9}\.npz|\.tmp-.*\.npz)$"),
+    "tb": re.compile(r"^events\.out\.tfevents\.\d+\..+\.\d{4}$"),  # tensorboardX's name, distbp's counter
+}
+
+
 def holds_run(out_dir):
     return any(os.path.exists(os.path.join(out_dir, name)) for name in RUN_FILES)
+
+
+def is_distbp_run(out_dir):
+    """Whether `out_dir` holds a job.yaml that distbp wrote: a mapping with a model and data."""
+    try:
+        with open(os.path.join(out_dir, "job.yaml"), encoding="utf-8") as f:
+            job = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(job, dict) and isinstance(job.get("model"), dict) and isinstance(job.get("data"), dict)
 
 
 def check_free(out_dir, resume, force, holds=None):
@@ -25,7 +43,14 @@ def check_free(out_dir, resume, force, holds=None):
     if resume and force:
         raise UsageError("--resume and --force exclude each other")
     _check_folder(out_dir)
-    if (holds_run(out_dir) if holds is None else holds) and not (resume or force):
+    held = holds_run(out_dir) if holds is None else holds
+    if held and force and holds is None and not is_distbp_run(out_dir):
+        names = [n for n in RUN_FILES if os.path.exists(os.path.join(out_dir, n))]
+        raise UsageError(
+            f"{out_dir}: holds {', '.join(names)} but no job.yaml of a distbp run; --force replaces only a run distbp wrote",
+            hint="choose another folder with --out",
+        )
+    if held and not (resume or force):
         raise UsageError(
             f"{out_dir}: already holds a run",
             hint="pass --resume to continue it, --force to replace it, or --out for another folder",
@@ -47,12 +72,17 @@ def _check_folder(out_dir):
 
 
 def clear(out_dir):
-    """Remove the files of an earlier run (only distbp's own files) for --force."""
+    """Remove the files of an earlier run for --force: distbp's own files, and in checkpoints/
+    and tb/ only the names distbp writes there (a folder left empty goes too)."""
     for name in RUN_FILES:
         path = os.path.join(out_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
+        if name in OWN_ENTRIES and os.path.isdir(path):
+            for entry in os.scandir(path):
+                if OWN_ENTRIES[name].match(entry.name) and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+            if not os.listdir(path):
+                os.rmdir(path)
+        elif os.path.isfile(path) or os.path.islink(path):
             os.unlink(path)
 
 
