@@ -5,6 +5,7 @@ Unset (always, outside tests), `hit` is one dictionary lookup and does nothing.
 Driver points fire once per process; worker points fire in the worker of rank 1 at STEP.
     model_written       the driver exits hard after model.npz, before the checkpoint marked done
     checkpoint_write    writing a checkpoint fails with an OSError (a full disk)
+    model_write         writing model.npz fails with an OSError (a full disk)
     checkpoint_slow     writing a checkpoint takes 4 s more (room for a second signal)
     snapshot            parameter actor 0 is killed as the driver gathers a snapshot
     recovery            a second worker is killed while recovery replaces the first
@@ -47,7 +48,7 @@ def hit(point, step=None):
         return False
     if point in ("model_written", "metrics_rewrite", "worker_after_eval"):
         os._exit(3)
-    if point == "checkpoint_write":
+    if point in ("checkpoint_write", "model_write"):
         raise OSError(28, "No space left on device (DISTBP_FAULT)")
     if point == "checkpoint_slow":
         time.sleep(4)

@@ -13,7 +13,7 @@ from distbp import faults
 from distbp.backprop import nn, schedule
 from distbp.data import sampling
 from distbp.data.checks import ensure_data, prepare
-from distbp.errors import DistbpError
+from distbp.errors import DistbpError, TrainingError
 from distbp.run.model import Model
 from distbp.run.outputs import RunOutputs, RunResult  # noqa: F401 (RunResult: part of the API)
 from distbp.run.stopping import EarlyStopping
@@ -75,9 +75,12 @@ class Trainer:
         job, outputs = self.job, self.outputs
         engine_class = engine.chosen()
         ckpt = outputs.start_checkpoint()
-        if ckpt is not None and ckpt.finished:
+        model_only = ckpt is not None and ckpt.finished and not outputs.has_model()  # its model write failed
+        if ckpt is not None and ckpt.finished and not model_only:
             return RunResult(outputs.where(""), outputs.where("model.npz"), None, ckpt.step, already_finished=True)
-        if ckpt is not None:
+        if model_only:
+            self.log(f"writing {outputs.where('model.npz')} from the final checkpoint of step {ckpt.step}; nothing is trained again")
+        elif ckpt is not None:
             self.log(f"resuming {outputs.where('')} from the checkpoint of step {ckpt.step}")
         if self.source is None:
             ensure_data(job, self.log)
@@ -111,7 +114,7 @@ class Trainer:
                 f"setup: {count(len(self.workers), 'worker')}, {count(len(self.servers), 'parameter actor')}, "
                 f"{count(self.actors.n_train, 'training row')}, {count(prep.spec.num_params, 'parameter')}, engine {self.engine.name}"
             )
-            result = self._loop(ckpt.step + 1 if ckpt else 1)
+            result = self._model_only(ckpt) if model_only else self._loop(ckpt.step + 1 if ckpt else 1)
         finally:
             t = time.perf_counter()
             self.close()
@@ -293,13 +296,17 @@ class Trainer:
         return self.outputs.checkpoint(step, snap, record, done, len(self.workers))
 
     def _finish(self, step, row, early):
-        """model.npz first, then the checkpoint marked done: a run that --resume calls
-        finished always has its model."""
+        """model.npz first, then the checkpoint marked done. When model.npz cannot be
+        written, the final checkpoint is still written (marked done), and --resume writes
+        model.npz from it without training again."""
         snap = self.actors.snapshot()
         best_step = self.stopper.step if self.stopper is not None and snap.best_params is not None else None
         saved = snap.params if best_step is None else snap.best_params
         final = self._final(saved, row)
-        self.outputs.write_model(self.model, saved)
+        try:
+            self.outputs.write_model(self.model, saved)
+        except OSError as err:
+            raise self._model_unwritten(err, step, snap) from None
         faults.hit("model_written")
         path = self._checkpoint(step, done=True, snap=snap)
         self.outputs.finish(self.phases)
@@ -308,6 +315,26 @@ class Trainer:
             replacements=self.replacements, stopped_early=early, engine=self.engine.name, phases=self.phases,
             last_row={k: row[k] for k in self.outputs.columns if row.get(k) is not None}, best_step=best_step,
         )
+
+    def _model_unwritten(self, err, step, snap):
+        """The error for a model.npz that could not be written, after keeping the final
+        checkpoint when that can still be written."""
+        message = f"cannot write {self.outputs.where('model.npz')}: {err.strerror or err}"
+        try:
+            path = self._checkpoint(step, done=True, snap=snap)
+        except TrainingError as also:
+            return TrainingError(f"{message}; {also.message}", hint=also.hint)
+        return TrainingError(
+            message,
+            hint=f"the final checkpoint of step {step} is kept ({path}); free the space or fix the folder, then --resume writes model.npz without training again",
+        )
+
+    def _model_only(self, ckpt):
+        """--resume of a run whose final checkpoint was written but not its model.npz:
+        write model.npz (and its figures) from the checkpoint, training nothing."""
+        row = self.outputs.metrics.last_row or {"step": ckpt.step, "seconds": self.outputs.metrics.last_seconds}
+        self.last = (ckpt.step, row)
+        return self._finish(ckpt.step, row, early=ckpt.step != self.actors.total_steps)
 
     def _final(self, params, row):
         """The weights model.npz will hold, measured over every training row and every

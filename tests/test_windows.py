@@ -118,6 +118,42 @@ def test_a_checkpoint_that_cannot_be_written_ends_in_one_line_and_keeps_the_othe
     assert resumed.resumed_from == 3 and same_weights(resumed.model_path, clean.model_path)
 
 
+@pytest.mark.parametrize("early", [False, True])
+def test_a_model_that_cannot_be_written_keeps_the_final_checkpoint_and_resume_writes_it(ray_session, make_job, tmp_path, fault, early):
+    """No periodic checkpoint yet (checkpoint_every above the steps): the failed model.npz write
+    must not lose the run. --resume writes model.npz from the final checkpoint, training
+    nothing, and it holds the same bits as a clean run's (the best weights when early
+    stopping ended the run)."""
+    train = {"steps": 12, "eval_every": 2, "checkpoint_every": 100, "optimizer": {"name": "adam", "lr": 0.01}}
+    if early:
+        train["early_stopping"] = {"metric": "val_loss", "patience": 1, "min_delta": 10.0}  # no evaluation improves enough
+    job = make_job(name="mw", rows=200, data={"validation": 0.25}, train=train)
+    out = tmp_path / "runs" / "mw"
+    want = Trainer(load(job, [f"output.dir={tmp_path / 'clean'}"])).run()
+    fault("model_write")
+    result = CliRunner().invoke(main, ["run", str(job), "--quiet"])
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    step = want.steps
+    assert line == (
+        f"error: cannot write {out / 'model.npz'}: No space left on device (DISTBP_FAULT) (the final checkpoint of step {step} is kept "
+        f"({out / 'checkpoints' / f'step-{step:09d}.npz'}); free the space or fix the folder, then --resume writes model.npz without training again)"
+    ), line
+    assert not (out / "model.npz").exists() and checkpoint.list_steps(str(out / "checkpoints")) == [step]
+    rows = rows_of(out)
+    faults._fired.clear()
+    os.environ.pop(faults.ENV)
+    resumed = CliRunner().invoke(main, ["run", str(job), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"from the final checkpoint of step {step}; nothing is trained again" in resumed.output
+    assert not any(line.startswith("step ") for line in resumed.output.splitlines())
+    assert rows_of(out) == rows  # no step trained or recorded again
+    assert same_weights(out / "model.npz", want.model_path)
+    assert (want.steps < 12) == early
+    again = CliRunner().invoke(main, ["run", str(job), "--resume"])
+    assert again.exit_code == 0 and "already finished" in again.output
+
+
 def test_a_parameter_actor_lost_during_a_snapshot_is_recovered(ray_session, make_job, tmp_path, fault):
     job = make_job(name="w3s", **JOB)
     want = Trainer(load(job, [f"output.dir={tmp_path / 'clean'}"])).run()

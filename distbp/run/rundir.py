@@ -169,6 +169,8 @@ class MetricsWriter:
         self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, self.columns, extrasaction="ignore")
         self.last_seconds = float(kept[-1]["seconds"]) if kept else 0.0
+        # the last row kept, as numbers (a resume that only writes model.npz reports it)
+        self.last_row = {k: float(v) for k, v in kept[-1].items() if v} if kept else None
 
     def write(self, row):
         try:
@@ -205,13 +207,14 @@ class RemoteRun:
         except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
             raise UsageError(f"output.dir: cannot open {uri}: {str(err).splitlines()[0]}") from None
 
-    def _info(self, name):
+    def has(self, name):
+        """Whether the run folder holds `name`."""
         from pyarrow import fs
 
         return self.fs.get_file_info(f"{self.root}/{name}").type != fs.FileType.NotFound
 
     def holds_run(self):
-        return any(self._info(name) for name in RUN_FILES)
+        return any(self.has(name) for name in RUN_FILES)
 
     def clear(self):
         for name in RUN_FILES:
@@ -240,7 +243,7 @@ class RemoteRun:
 
     def fetch(self, name, local_path):
         """Download `name` to local_path; False when it does not exist."""
-        if not self._info(name):
+        if not self.has(name):
             return False
         os.makedirs(os.path.dirname(local_path), exist_ok=True)
         with self.fs.open_input_stream(f"{self.root}/{name}") as src, open(local_path, "wb") as dst:
