@@ -132,6 +132,42 @@ def test_resume_without_checkpoint_exits_2(make_job, tmp_path):
     assert result.exit_code == 2 and "no checkpoint" in result.output
 
 
+def rewrite(path, change, keep_digest):
+    """Rewrite an npz with `change(arrays)` applied, keeping its old digest (a file changed
+    behind distbp's back) or writing a matching one (NaN weights that pass the digest)."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    change(arrays)
+    if not keep_digest:
+        arrays[checkpoint.DIGEST] = np.array(checkpoint.digest(arrays))
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("changed", "its arrays do not match their SHA-256 digest: the file was changed after distbp wrote it"),
+    ("nan", "params holds NaN or infinite values; distbp never checkpoints a diverged step"),
+])
+def test_a_changed_or_nan_checkpoint_is_skipped_with_a_warning_that_says_why(ray_session, make_job, tmp_path, damage, says):
+    job = make_job(name="dg", rows=100, train={"steps": 9, "checkpoint_every": 3})
+    out = tmp_path / "runs" / "dg"
+    first = model_arrays(Trainer(load(job)).run().model_path)
+    newest = out / "checkpoints" / "step-000000009.npz"
+    assert checkpoint.load(str(newest)).finished
+
+    def change(arrays):
+        arrays["params"] = arrays["params"].copy()
+        arrays["params"][0] = np.nan if damage == "nan" else arrays["params"][0] + 1e-6
+        arrays["finished"] = np.array(False)
+
+    rewrite(newest, change, keep_digest=damage == "changed")
+    warnings = []
+    result = Trainer(load(job), resume=True, log=warnings.append).run()
+    assert [w for w in warnings if w.startswith("warning:")] == [f"warning: skipping {newest}: damaged checkpoint ({says})"], warnings
+    assert result.resumed_from == 6 and result.steps == 9
+    again = model_arrays(result.model_path)
+    assert first.keys() == again.keys() and all(np.array_equal(first[k], again[k]) for k in first)
+
+
 def test_corrupt_newest_checkpoint_is_skipped_and_another_job_is_refused(ray_session, make_job, tmp_path):
     job = make_job(name="ck", rows=100, train={"steps": 9, "checkpoint_every": 3})
     out = tmp_path / "runs" / "ck"

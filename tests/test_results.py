@@ -177,6 +177,32 @@ def test_resume_names_the_set_values_the_run_was_started_with(ray_session, make_
     assert resumed.exit_code == 0 and "resuming " in resumed.output and "from the checkpoint of step 3" in resumed.output
 
 
+def test_a_model_changed_after_it_was_written_is_refused_by_every_command(tmp_path, monkeypatch):
+    from distbp.backprop import nn
+    from distbp.run import checkpoint
+    from distbp.run.model import Model, load_model
+
+    monkeypatch.chdir(tmp_path)
+    spec = nn.Spec([2, 3], (), "softmax", "cross_entropy", "xavier", "float32")
+    Model(spec, nn.init_params(spec, np.random.default_rng(0)), "classification", ["x0", "x1"], ["label"], [0, 1, 2]).save("model.npz")
+    with np.load("model.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert arrays[checkpoint.DIGEST] == checkpoint.digest(arrays)
+    load_model("model.npz")  # as written: accepted
+    arrays["W1"] = arrays["W1"] * 2
+    np.savez("model.npz", **arrays)
+    (tmp_path / "d.csv").write_text("x0,x1,label\n0.1,0.2,1\n")
+    for args in (["eval", "model.npz", "d.csv"], ["predict", "model.npz", "d.csv", "-o", "p.csv"], ["export", "model.npz", "-o", "m.onnx"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and result.output.strip().splitlines() == [
+            "error: model.npz: its arrays do not match the SHA-256 digest distbp wrote with them (the file was changed after it was written)"
+        ], (args, result.output)
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "m.onnx").exists()
+    del arrays[checkpoint.DIGEST]  # a model written before digests: read as it is
+    np.savez("model.npz", **arrays)
+    assert load_model("model.npz").params.shape == (spec.num_params,)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["data", "make", "xor", "-o", "x.csv"], "--rows: data make xor needs the number of rows"),
     (["plot", "nothere"], "nothere: no such run folder"),

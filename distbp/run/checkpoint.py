@@ -5,6 +5,7 @@ the final name, so a crash leaves either the old file or the new one, never half
 Everything is a plain array; loading uses allow_pickle=False.
 """
 
+import hashlib
 import os
 import re
 import tempfile
@@ -18,9 +19,29 @@ from distbp.errors import UsageError
 _NAME = re.compile(r"^step-(\d{9})\.npz$")
 
 
+DIGEST = "digest"  # the array that holds the SHA-256 of all the others
+
+
+def digest(arrays):
+    """SHA-256 (hex) of named arrays: each one's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(k for k in arrays if k != DIGEST):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def changed(arrays):
+    """Whether `arrays` carry a digest that they no longer match: the file was changed after
+    distbp wrote it. Files without one (written before distbp 0.3) are taken as they are."""
+    return DIGEST in arrays and str(arrays[DIGEST]) != digest(arrays)
+
+
 def atomic_savez(path, arrays):
-    """np.savez to `path` through a temporary file + fsync + rename."""
+    """np.savez to `path`, with the digest of its arrays, through a temporary file + fsync + rename."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    arrays = {**arrays, DIGEST: np.array(digest(arrays))}
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -93,22 +114,30 @@ def list_steps(folder):
 
 
 def load(path):
-    """Read one checkpoint; UsageError if the file is damaged or not a checkpoint."""
+    """Read one checkpoint; UsageError if the file is damaged, changed after it was written
+    (its digest), holds weights that are not finite, or is not a checkpoint."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return Checkpoint(
-                step=int(z["step"]),
-                params=z["params"],
-                opt_state={k.removeprefix(OPT): z[k] for k in z.files if k.startswith(OPT)},
-                job_hash=str(z["job_hash"]),
-                seed=int(z["seed"]),
-                finished=bool(z["finished"]),
-                workers=int(z["workers"]),
-                best=z["best"] if "best" in z.files else None,
-                best_params=z["best_params"] if "best_params" in z.files else None,
-            )
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+            z = {k: z[k] for k in z.files}
+        ckpt = Checkpoint(
+            step=int(z["step"]),
+            params=z["params"],
+            opt_state={k.removeprefix(OPT): v for k, v in z.items() if k.startswith(OPT)},
+            job_hash=str(z["job_hash"]),
+            seed=int(z["seed"]),
+            finished=bool(z["finished"]),
+            workers=int(z["workers"]),
+            best=z.get("best"),
+            best_params=z.get("best_params"),
+        )
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as err:
         raise UsageError(f"{path}: damaged checkpoint ({type(err).__name__})") from None
+    if changed(z):
+        raise UsageError(f"{path}: damaged checkpoint (its arrays do not match their SHA-256 digest: the file was changed after distbp wrote it)")
+    for name in ["params", "best_params"] + [k for k in z if k.startswith(OPT)]:
+        if z.get(name) is not None and z[name].dtype.kind == "f" and not np.isfinite(z[name]).all():
+            raise UsageError(f"{path}: damaged checkpoint ({name} holds NaN or infinite values; distbp never checkpoints a diverged step)")
+    return ckpt
 
 
 def load_latest(folder, warn=lambda msg: None):

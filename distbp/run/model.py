@@ -13,7 +13,7 @@ import numpy as np
 
 from distbp.backprop import nn
 from distbp.errors import DataError, UsageError
-from distbp.run.checkpoint import atomic_savez
+from distbp.run.checkpoint import atomic_savez, changed
 
 FORMAT_VERSION = 1
 
@@ -119,6 +119,8 @@ def load_model(path):
         raise UsageError(f"{path}: not a distbp model.npz ({type(err).__name__}: {err})") from None
     except (AttributeError, TypeError):  # np.load gave one array: a .npy file, not a .npz
         raise UsageError(f"{path}: not a distbp model.npz (a single .npy array)") from None
+    if changed(arrays):
+        raise UsageError(f"{path}: its arrays do not match the SHA-256 digest distbp wrote with them (the file was changed after it was written)")
     try:
         meta = json.loads(str(arrays["spec"]))
     except KeyError:
