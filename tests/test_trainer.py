@@ -1,6 +1,8 @@
 """The distributed runner against one process: same gradient, same weights, same bits."""
 
 import glob
+import os
+import time
 
 import numpy as np
 import pytest
@@ -119,6 +121,32 @@ def test_direct_engine_gives_the_same_bits_as_tasks(ray_session, make_job, monke
     assert all(np.array_equal(a[k], b[k]) for k in a)
     strip = lambda rows: [",".join(c for i, c in enumerate(r.split(",")) if i != 3) for r in rows]  # noqa: E731 (drop seconds)
     assert strip(rows_a) == strip(rows_b) and len(rows_a) == 41  # same losses, validation and per-layer norms
+
+
+def test_a_link_set_up_ended_part_way_leaves_no_shared_memory_behind(ray_session):
+    """A parameter actor that made its weights segment and then ended before any worker mapped
+    it (a set-up that failed, a recovery that killed it): nothing is left in /dev/shm, and the
+    segment goes with the process."""
+    import ray
+
+    from distbp.runtime import shm
+    from distbp.runtime.actors import remote_class
+    from distbp.runtime.server import ParameterServer
+
+    before = set(os.listdir("/dev/shm"))
+    w = np.arange(1000, dtype=np.float64)
+    server = remote_class(ParameterServer).options(num_cpus=0).remote(w, dict(name="sgd"), layer_bounds=[(0, 0, 1000)])
+    _, _, path = ray.get(server.listen.remote(True))
+    seen = shm.attach(path, 1000, np.float64)  # another process maps the weights: a real segment
+    assert np.array_equal(seen, w) and not seen.flags.writeable
+    assert set(os.listdir("/dev/shm")) <= before  # it never had a name there
+    ray.kill(server)
+    pid = int(path.split("/")[2])
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(path) and set(os.listdir("/dev/shm")) <= before
+    assert np.array_equal(seen, w)  # a mapping stays valid after its creator ended
 
 
 def test_an_unknown_engine_is_refused_in_one_line(make_job, monkeypatch):

@@ -95,7 +95,7 @@ class DirectEngine:
             s.attach.remote([p if near[i][k] and addresses[i][2] else None for k, p in enumerate(paths[: len(workers)])], a, b)
             for i, (s, (a, b)) in enumerate(zip(servers, self.actors.slices))
         ])
-        get([w.unlink_segment.remote() for w in workers])  # mapped by all: no name left in /dev/shm
+        get([w.seal_segment.remote() for w in workers])  # mapped by all: no process may open one now
 
     def submit(self, orders):
         serving = [w.serve.remote() for w in self.actors.workers]

@@ -138,13 +138,12 @@ class ParameterServer:
 
         self.disconnect()
         self.server_socket, (host, port) = link.listen(ray.util.get_node_ip_address())
-        path = None
+        self.segment = None
         if share and shm.available():
-            weights, path = shm.create(len(self.w), self.w.dtype)
-            np.copyto(weights, self.w)
-            self.w = weights  # updated in place from now on, where the workers read it
-        self.own_path = path
-        return host, port, path
+            self.segment = shm.Segment(len(self.w), self.w.dtype)
+            np.copyto(self.segment.array, self.w)
+            self.w = self.segment.array  # updated in place from now on, where the workers read it
+        return host, port, self.segment and self.segment.path
 
     def accept(self, num_workers, secret, timeout_s):
         self.links = link.accept(self.server_socket, num_workers, secret, timeout_s)
@@ -153,13 +152,14 @@ class ParameterServer:
 
     def attach(self, grad_paths, start, stop):
         """Map the gradient segment of each worker on this node (paths in rank order, None for
-        the others); this actor's slice is [start, stop). Its own segment needs no name now."""
+        the others); this actor's slice is [start, stop). Its own segment is sealed: every
+        worker has mapped it."""
         self.peer_grads = [None if path is None else shm.attach(path, stop, self.w.dtype)[start:stop] for path in grad_paths]
         remote = [g is None for g in self.peer_grads]
         together = len(remote) > 1 and any(remote) and len(remote) * self.w.nbytes <= RECV_BUDGET
         self.recv_bufs = [np.empty_like(self.w) if r else None for r in remote] if together else []
-        if self.own_path:
-            shm.unlink(self.own_path)
+        if self.segment:
+            self.segment.close()
         return True
 
     def run(self, orders):
@@ -234,6 +234,6 @@ class ParameterServer:
         if getattr(self, "server_socket", None) is not None:
             self.server_socket.close()
             self.server_socket = None
-        if getattr(self, "own_path", None):
-            shm.unlink(self.own_path)  # if the workers never got to it
+        if getattr(self, "segment", None):
+            self.segment.close()  # the mappings keep it until they end
         return True

@@ -1,46 +1,46 @@
 """Shared-memory arrays for the direct engine's links within one node: a parameter actor's
-weights and a worker's gradient live in a file under /dev/shm that both processes map, so a
-step moves no array bytes through the socket, only its header and the sums. The file is
-unlinked as soon as every process has mapped it (the mappings outlive the name), so nothing
-is left behind however the processes end."""
+weights and a worker's gradient live in an anonymous memory file (memfd) that both processes
+map, so a step moves no array bytes through the socket, only its header and the sums.
+
+The segment never has a name in /dev/shm or anywhere else: the other process opens it as
+/proc/<creator's pid>/fd/<fd> while the creator holds the descriptor, and the memory is freed
+by the kernel once the last process that maps it or holds it ends. So nothing is left behind
+however the processes end, a set-up that fails part-way included."""
 
 import mmap
 import os
-import secrets
 
 import numpy as np
 
-FOLDER = "/dev/shm"
-
 
 def available():
-    return os.path.isdir(FOLDER) and os.access(FOLDER, os.W_OK)
+    """Anonymous memory files, and /proc to open another process's: Linux."""
+    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
 
 
-def _map(path, size, dtype, flags, access):
-    nbytes = max(1, size * np.dtype(dtype).itemsize)
-    fd = os.open(path, flags, 0o600)
-    try:
-        if flags & os.O_CREAT:
-            os.ftruncate(fd, nbytes)
-        return np.frombuffer(mmap.mmap(fd, nbytes, access=access), dtype, size)
-    finally:
-        os.close(fd)
+class Segment:
+    """A writable array of `size` zeros in a new anonymous segment. `path` opens it from
+    another process of the same user, until `close` (the mapping stays valid after it)."""
 
+    def __init__(self, size, dtype):
+        nbytes = max(1, size * np.dtype(dtype).itemsize)
+        self.fd = os.memfd_create("distbp", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, nbytes)
+        self.array = np.frombuffer(mmap.mmap(self.fd, nbytes, access=mmap.ACCESS_WRITE), dtype, size)
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
 
-def create(size, dtype):
-    """(a writable array of `size` zeros in a new segment, the segment's path)."""
-    path = os.path.join(FOLDER, f"distbp-{os.getpid()}-{secrets.token_hex(8)}")
-    return _map(path, size, dtype, os.O_CREAT | os.O_EXCL | os.O_RDWR, mmap.ACCESS_WRITE), path
+    def close(self):
+        """Drop the descriptor: no other process can open the segment from now on."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def attach(path, size, dtype):
-    """A read-only array over the segment at `path`."""
-    return _map(path, size, dtype, os.O_RDONLY, mmap.ACCESS_READ)
-
-
-def unlink(path):
+    """A read-only array over another process's segment at `path`."""
+    nbytes = max(1, size * np.dtype(dtype).itemsize)
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        return np.frombuffer(mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ), dtype, size)
+    finally:
+        os.close(fd)

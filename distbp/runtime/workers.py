@@ -250,8 +250,9 @@ class ShardWorker:
             for (_, _, path), near, (a, b) in zip(addresses, same_node, self.slices)
         ]
         if any(w is not None for w in self.shared_w):
-            self.grad_out, self.grad_path = shm.create(spec.num_params, spec.np_dtype)
-        return self.grad_path
+            self.grad_segment = shm.Segment(spec.num_params, spec.np_dtype)
+            self.grad_out = self.grad_segment.array
+        return self.grad_segment and self.grad_segment.path
 
     def serve(self):
         """Run steps as the parameter actors send them, until they end the window. Per step:
@@ -303,15 +304,16 @@ class ShardWorker:
             link.exchange(recvs=zip(self.links, incoming))
         return [link.unpack_order(bytes(head)) for head in heads]
 
-    def unlink_segment(self):
-        """Every parameter actor has mapped this worker's gradient segment: drop its name."""
-        if getattr(self, "grad_path", None):
-            shm.unlink(self.grad_path)
+    def seal_segment(self):
+        """Every parameter actor has mapped this worker's gradient segment: no other process
+        may open it from now on."""
+        if getattr(self, "grad_segment", None):
+            self.grad_segment.close()
         return True
 
     def disconnect(self):
         link.close(self.links)
-        if getattr(self, "grad_path", None):
-            shm.unlink(self.grad_path)  # if the parameter actor never got to it
-        self.links, self.shared_w, self.grad_out, self.grad_path = [], [], None, None
+        if getattr(self, "grad_segment", None):
+            self.grad_segment.close()  # the mappings keep it until they end
+        self.links, self.shared_w, self.grad_out, self.grad_segment = [], [], None, None
         return True
