@@ -35,14 +35,18 @@ def spec_of(job):
 
 
 def dry_run(job):
-    """Validate the job and the data's schema (columns, types, input width) without Ray.
-    Returns the checks' Prepared, or None when the data is still to be made by data.make."""
-    from distbp.data.checks import prepare
+    """Validate the job, the data's schema (columns, types, input width) and its values (NaN
+    or inf, the classes against the output width, the rows left), reading every row once,
+    without Ray. Returns (the checks' Prepared, the rows data.on_nan: drop skips), or None
+    when the data is still to be made by data.make."""
+    from distbp.data.checks import prepare, scan
 
     path = job.data_path()
     if job.data.make and path and "://" not in path and not os.path.exists(path):
         return None
-    return prepare(job)
+    prep = prepare(job)
+    dropped, _ = scan(job, prep)
+    return prep, dropped
 
 
 def train(job_or_path, log=None, on_step=None, resume=False, force=False, ray_dataset=None, **overrides):

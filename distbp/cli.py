@@ -99,7 +99,7 @@ def main():
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any job key, e.g. --set train.optimizer.lr=0.01.")
 @click.option("--quiet", is_flag=True, help="No progress bar or status lines; warnings and errors still print.")
 @click.option("--verbose", is_flag=True, help="Also print the set-up line (workers, engine) and the time of each start-up and finish phase.")
-@click.option("--dry-run", is_flag=True, help="Validate the job and the data schema, then exit.")
+@click.option("--dry-run", is_flag=True, help="Check the job and read every row (columns, widths, classes, NaN), without Ray; then exit.")
 @one_line_errors
 def run(job_file, workers, address, out_dir, resume, force, sets, quiet, verbose, dry_run):
     """Train the network of JOB on Ray."""
@@ -111,11 +111,13 @@ def run(job_file, workers, address, out_dir, resume, force, sets, quiet, verbose
     overrides += [f"output.dir={json.dumps(out_dir)}"] if out_dir is not None else []
     job = api.load(job_file, overrides)
     if dry_run:
-        prep = api.dry_run(job)
-        if prep is None:
+        checked = api.dry_run(job)
+        if checked is None:
             click.echo(f"ok: {job.source}: the job is valid; data.make will write {job.data_path()}")
         else:
-            click.echo(f"ok: {job.source}: {count(prep.source.num_rows, 'row')}, {count(len(prep.features), 'feature')}, {count(prep.spec.num_params, 'parameter')}")
+            prep, dropped = checked
+            skipped = f"; data.on_nan: drop will skip {count(dropped, 'row')} holding NaN or inf values" if dropped else ""
+            click.echo(f"ok: {job.source}: {count(prep.source.num_rows, 'row')}, {count(len(prep.features), 'feature')}, {count(prep.spec.num_params, 'parameter')}{skipped}")
         return
     # Every error of the run's actors is distbp's to handle (a lost worker is recovered and
     # reported in one line); Ray's own "Unhandled error" tracebacks of the steps that a failure

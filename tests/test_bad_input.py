@@ -115,6 +115,14 @@ class Bench:
         assert snapshot(self.out) == self.before, "the run folder changed"
         return lines[0]
 
+    def refused_also_dry(self, job, *needles):
+        """Refused by the run, and by --dry-run (which reads every row, without Ray) in the
+        same words: a dry run that says ok is a run that starts."""
+        path = job if isinstance(job, Path) else self.write(job)
+        line = self.refused(self.run(path), *needles)
+        assert self.refused(self.run(path, "--dry-run"), *needles) == line
+        return line
+
 
 @pytest.fixture
 def bench(finished, tmp_path):
@@ -238,14 +246,15 @@ def table_with_nonfinite(nan_rows=(3, 10, 41), inf_rows=(10, 20)):
     return table.set_column(0, "x0", pa.array(x0)).set_column(1, "x1", pa.array(x1))
 
 
-def test_nan_and_inf_name_the_columns_and_counts(bench):
-    path = bench.table(table_with_nonfinite())
-    bench.refused(bench.run(bench.job(data={"path": str(path)})), "'x0' (3)", "'x1' (2)", "data.on_nan: drop")
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "feather"])
+def test_nan_and_inf_name_the_columns_and_counts(bench, fmt):
+    path = bench.table(table_with_nonfinite(), f"data.{fmt}")
+    bench.refused_also_dry(bench.job(data={"path": str(path)}), path, "'x0' (3)", "'x1' (2)", "data.on_nan: drop")
 
 
 def test_nan_in_a_validation_file_is_refused(bench):
     path = bench.table(table_with_nonfinite(), "val.parquet")
-    bench.refused(bench.run(bench.job(data={"validation": str(path)})), "'x0' (3)", "'x1' (2)", "data.on_nan: drop")
+    bench.refused_also_dry(bench.job(data={"validation": str(path)}), path, "'x0' (3)", "'x1' (2)", "data.on_nan: drop")
 
 
 def test_nan_in_a_regression_target_is_refused(bench):
@@ -254,7 +263,7 @@ def test_nan_in_a_regression_target_is_refused(bench):
     y[[4, 9]] = np.nan
     path = bench.table(table.drop_columns(["label"]).append_column("y", pa.array(y)))
     job = bench.job(data={"path": str(path), "label": "y", "task": "regression"}, model={"layers": [2, 8, 1], "output": "identity"})
-    bench.refused(bench.run(job), "'y' (2)", "data.on_nan: drop")
+    bench.refused_also_dry(job, "'y' (2)", "data.on_nan: drop")
 
 
 def test_on_nan_drop_trains_on_the_finite_rows_only(ray_session, tmp_path):
@@ -267,6 +276,9 @@ def test_on_nan_drop_trains_on_the_finite_rows_only(ray_session, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"{ROWS - 4} training rows" in result.output and "engine direct" in result.output
     assert f"data.on_nan: drop: skipped 4 rows holding NaN or inf values; {ROWS - 4} training rows left" in result.output.splitlines()
+    dry = CliRunner().invoke(main, ["run", str(job), "--dry-run"])
+    assert dry.exit_code == 0 and dry.output.strip().splitlines() == [
+        f"ok: {job}: {ROWS} rows, 2 features, 51 parameters; data.on_nan: drop will skip 4 rows holding NaN or inf values"], dry.output
 
     keep = np.setdiff1d(np.arange(ROWS), [3, 10, 20, 41])
     clean = tmp_path / "clean.parquet"
@@ -291,7 +303,7 @@ def test_input_width_must_match_the_features(bench):
 ])
 def test_output_width_must_match_the_classes(bench, model, needle):
     path = bench.write(bench.job(model=model))
-    bench.refused(bench.run(path), path, needle)
+    bench.refused_also_dry(path, path, needle)
 
 
 @pytest.mark.parametrize("rows,nan_rows,data_edit,workers", [
@@ -304,7 +316,7 @@ def test_more_workers_than_training_rows(bench, rows, nan_rows, data_edit, worke
     held_out = rowmath.validation_mask(0, rows, data_edit.get("validation", 0.0), 3).sum()
     assert rows - held_out - len(nan_rows) < workers
     job = bench.job(data={"path": str(path), **data_edit}, cluster={"workers": workers, "cpus_per_worker": 0.5})
-    bench.refused(bench.run(job), "cluster.workers", f"more workers ({workers}) than")
+    bench.refused_also_dry(job, "cluster.workers", f"more workers ({workers}) than")
 
 
 # ---------------------------------------------------------------- the run folder

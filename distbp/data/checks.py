@@ -4,6 +4,7 @@
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -70,8 +71,64 @@ def spec_of(job):
     return nn.Spec(tuple(m.layers), tuple(m.activations), m.output, m.loss, m.init, m.dtype)
 
 
+class RowCounts(NamedTuple):
+    """What reading a block of rows found (a worker's shard, or one block of --dry-run's scan):
+    sums that `merge_summaries` adds up."""
+
+    nonfinite: dict  # 'data' / 'validation' -> (columns,) counts of NaN or inf values
+    dropped: int  # rows skipped by data.on_nan: drop
+    labels: list  # the distinct class labels (classification), sorted
+    rows: dict  # 'train' / 'val' -> row count, after on_nan: drop
+    moments: tuple  # rowmath.shard_moments of the training features kept
+
+
+def count_rows(parts, task, labels, on_nan, val_from_file):
+    """Count and check rows read: `parts` maps 'train' (and 'val') to (the label columns as a
+    table, the features as an array). The values checked for NaN or inf are the features, and
+    the targets for regression; under on_nan: drop, rows holding one are dropped. Returns
+    (RowCounts, the parts kept)."""
+    nonfinite, dropped, found, rows, kept = {}, 0, set(), {}, {}
+    for name, (table, x) in parts.items():
+        values = x if task != "regression" else np.hstack([x, tables.targets_to_numpy(table, list(labels), np.float64)])
+        origin = "validation" if name == "val" and val_from_file else "data"
+        nonfinite[origin] = nonfinite.get(origin, 0) + rowmath.nonfinite_counts(values)
+        if on_nan == "drop":
+            keep = rowmath.finite_row_mask(values)
+            dropped += int(len(keep) - keep.sum())
+            table, x = table.filter(keep), x[keep]
+        kept[name] = (table, x)
+        rows[name] = len(x)
+        if task == "classification":
+            found |= set(tables.unique_labels(tables.label_values(table, labels[0])))
+    train = kept["train"][1] if "train" in kept else np.empty((0, next(iter(parts.values()))[1].shape[1]))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN or inf rows left are refused by merge_summaries
+        moments = rowmath.shard_moments(train)
+    return RowCounts(nonfinite, dropped, sorted(found), rows, moments), kept
+
+
+def scan(job, prep):
+    """--dry-run's look at the values: read every row once, block by block (Parquet row groups,
+    Feather batches, CSV blocks) without Ray, and make the checks the workers' summaries get
+    (`merge_summaries`: NaN or inf values, the classes against the output width, the rows
+    left). Returns (the rows on_nan: drop skips, merge_summaries' result)."""
+    fraction = job.data.validation if isinstance(job.data.validation, float) else None
+    columns, dtype = [*prep.features, *prep.labels], prep.spec.np_dtype
+    counts = []
+    for source, val_file in ((prep.source, False), (prep.validation_source, True)):
+        for start, block in source.blocks(columns) if source is not None else ():
+            x = tables.features_to_numpy(block, list(prep.features), dtype)
+            table = block.select(list(prep.labels))
+            parts = {"val" if val_file else "train": (table, x)}
+            if fraction and not val_file:
+                held = rowmath.validation_mask(start, start + len(x), fraction, job.seed)
+                parts = {"train": (table.filter(~held), x[~held]), "val": (table.filter(held), x[held])}
+            counts.append(count_rows(parts, job.data.task, prep.labels, job.data.on_nan, val_file)[0])
+    return sum(c.dropped for c in counts), merge_summaries(job, prep, counts)
+
+
 def merge_summaries(job, prep, summaries):
-    """Turn the workers' ShardSummary tuples into classes and standardisation statistics."""
+    """Turn the workers' ShardSummary tuples (or any RowCounts) into classes and
+    standardisation statistics, after the checks on what they found."""
     columns = prep.features + (prep.labels if job.data.task == "regression" else [])
     for origin, path in (("data", prep.source.path), ("validation", job.validation_path())):
         counts = sum(s.nonfinite.get(origin, 0) for s in summaries)

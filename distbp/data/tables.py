@@ -218,6 +218,34 @@ class TableSource:
             return target.empty_table()
         return pa.concat_tables(pieces)
 
+    def blocks(self, columns: list[str] | None = None):
+        """(first row, table) of each block of the files laid end to end, reading every file
+        once: its Parquet row groups, Feather record batches or CSV read blocks, in order."""
+        columns, target = read_plan(self, 0, self.num_rows, columns)
+        first = 0
+        for i, file in enumerate(self.files):
+            try:
+                for batch in self._file_batches(i, columns):
+                    if batch.num_rows:
+                        yield first, pa.Table.from_batches([batch]).select(columns).cast(target)
+                        first += batch.num_rows
+            except (pa.ArrowException, OSError) as err:
+                raise _cannot_read(file, self.format, err) from None
+
+    def _file_batches(self, i: int, columns: list[str]):
+        file = self.files[i]
+        if self.format == "csv":
+            with _open_stream(file) as f:
+                yield from _csv_reader(f, self.schema, columns)
+            return
+        with _open_random(file) as f:
+            if self.format == "parquet":
+                yield from pq.ParquetFile(f).iter_batches(columns=columns)
+            else:
+                reader = ipc.open_file(f)
+                for b in range(reader.num_record_batches):
+                    yield reader.get_batch(b).select(columns)
+
     def _read_file(self, i: int, lo: int, hi: int, columns: list[str]) -> pa.Table:
         """Rows [lo, hi) of file i."""
         file = self.files[i]

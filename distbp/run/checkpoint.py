@@ -132,11 +132,11 @@ def load(path):
         )
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as err:
         raise UsageError(f"{path}: damaged checkpoint ({type(err).__name__})") from None
-    if changed(z):
-        raise UsageError(f"{path}: damaged checkpoint (its arrays do not match their SHA-256 digest: the file was changed after distbp wrote it)")
     for name in ["params", "best_params"] + [k for k in z if k.startswith(OPT)]:
         if z.get(name) is not None and z[name].dtype.kind == "f" and not np.isfinite(z[name]).all():
             raise UsageError(f"{path}: damaged checkpoint ({name} holds NaN or infinite values; distbp never checkpoints a diverged step)")
+    if changed(z):
+        raise UsageError(f"{path}: damaged checkpoint (its arrays do not match their SHA-256 digest: the file was changed after distbp wrote it)")
     return ckpt
 
 

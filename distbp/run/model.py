@@ -119,8 +119,6 @@ def load_model(path):
         raise UsageError(f"{path}: not a distbp model.npz ({type(err).__name__}: {err})") from None
     except (AttributeError, TypeError):  # np.load gave one array: a .npy file, not a .npz
         raise UsageError(f"{path}: not a distbp model.npz (a single .npy array)") from None
-    if changed(arrays):
-        raise UsageError(f"{path}: its arrays do not match the SHA-256 digest distbp wrote with them (the file was changed after it was written)")
     try:
         meta = json.loads(str(arrays["spec"]))
     except KeyError:
@@ -144,6 +142,8 @@ def load_model(path):
     except (ValueError, TypeError, KeyError) as err:
         raise UsageError(f"{path}: spec does not describe a network distbp can run ({err})") from None
     _check_fits(path, spec, meta, arrays)
+    if changed(arrays):  # last: a file that breaks a rule above gets that rule's words
+        raise UsageError(f"{path}: its arrays do not match the SHA-256 digest distbp wrote with them (the file was changed after it was written)")
     params = np.concatenate([np.concatenate([arrays[f"W{l}"].ravel(), arrays[f"b{l}"]]) for l in range(1, spec.num_layers + 1)]).astype(spec.np_dtype)
     x_mean, x_std = arrays.get("x_mean"), arrays.get("x_std")
     return Model(spec, params, task, meta["features"], meta["labels"], meta["classes"], x_mean, x_std)

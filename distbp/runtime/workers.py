@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 
 from distbp import faults
 from distbp.backprop import nn
-from distbp.data import rowmath, sampling, tables
+from distbp.data import checks, rowmath, sampling, tables
 from distbp.errors import UsageError
 from distbp.runtime import blas, link, shm
 from distbp.runtime.messages import ShardSummary, Sums, stats_vector
@@ -111,12 +111,6 @@ class ShardWorker:
         x = tables.features_to_numpy(table, list(self.plan.features), self.plan.spec.np_dtype)
         return table.select(list(self.plan.labels)), x
 
-    def _checked_values(self, table, x):
-        """The values whose NaN or inf must be caught: the features, plus regression targets."""
-        if self.plan.task != "regression":
-            return x
-        return np.hstack([x, tables.targets_to_numpy(table, list(self.plan.labels), np.float64)])
-
     def load(self, plan=None):
         """Read the shard (that of `plan` instead, when the rows are resharded: it replaces
         this worker's plan, rank included). Returns its ShardSummary: non-finite counts per
@@ -132,20 +126,8 @@ class ShardWorker:
             parts = {"train": (table.filter(~is_val), x[~is_val]), "val": (table.filter(is_val), x[is_val])}
         elif p.validation_source is not None:
             parts["val"] = self._read(p.validation_source, *p.validation_range)
-        nonfinite, dropped, labels, rows = {}, 0, set(), {}
-        for name, (tab, xs) in parts.items():
-            values = self._checked_values(tab, xs)
-            origin = "validation" if name == "val" and p.validation_source is not None else "data"
-            nonfinite[origin] = nonfinite.get(origin, 0) + rowmath.nonfinite_counts(values)
-            if p.on_nan == "drop":
-                keep = rowmath.finite_row_mask(values)
-                dropped += int(len(keep) - keep.sum())
-                tab, xs = tab.filter(keep), xs[keep]
-            self.raw[name] = (tab, xs)
-            rows[name] = len(xs)
-            if p.task == "classification":
-                labels |= set(tables.unique_labels(tables.label_values(tab, p.labels[0])))
-        return ShardSummary(nonfinite, dropped, sorted(labels), rows, rowmath.shard_moments(self.raw["train"][1]), report)
+        counts, self.raw = checks.count_rows(parts, p.task, p.labels, p.on_nan, p.validation_source is not None)
+        return ShardSummary(*counts, report)
 
     def prepare(self, classes, mean, std, offset=0, n_train=0):
         """Standardise, cast to the model dtype and encode targets; drop the raw table.
