@@ -156,8 +156,9 @@ def _run_with_progress(job, resume, force, quiet, verbose=False):
 
     def on_step(row):
         if progress.total is None:  # the step count is known once the data is read (epochs)
-            actors = trainer.actors
-            progress.start(actors.total_steps, row["step"] - 1, actors.steps_per_epoch)  # resumed: from there
+            actors, batch = trainer.actors, job.train.batch
+            batches = None if batch == "full" else (actors.n_train, int(batch))
+            progress.start(actors.total_steps, row["step"] - 1, actors.steps_per_epoch, batches)  # resumed: from there
         progress.step(row)
 
     detail = progress.log if verbose else None

@@ -111,6 +111,43 @@ def test_on_a_terminal_log_lines_print_above_the_bar():
     assert any(line.strip() == "warning: worker 1 lost; starting a replacement" for line in text.replace("\r", "\n").splitlines())
 
 
+@pytest.mark.parametrize("columns", [80, 60, 40])
+def test_the_bar_fits_the_width_and_cuts_whole_figures_never_a_number(columns):
+    out = io.StringIO()
+    progress = Progress(out, terminal=True, columns=columns)
+    progress.start(20000, 0, steps_per_epoch=100)
+    row = {"step": 1234, "loss": 0.123456, "accuracy": 0.959, "seconds": 9.0,
+           "val_loss": 0.25, "val_accuracy": 0.959, "val_rmse": 1.5, "val_r2": 0.75}
+    progress.step({**row, "step": 1, "seconds": 1.0})
+    progress.step(row)
+    progress.close()
+    drawn = [line for line in out.getvalue().replace("\r", "\n").splitlines() if line.startswith("step 1234/")]
+    assert drawn, out.getvalue()
+    for line in drawn:
+        assert len(line.rstrip()) <= columns, (len(line), line)
+        words = line.split("| ", 1)[1].split()
+        for name, value in zip(words[::2], words[1::2]):  # name value pairs, each value whole
+            if name.startswith(("val_", "loss", "acc")):
+                assert len(value.split(".")[-1]) == 4, line
+    if columns == 80:  # after steps/s and the ETA, the validation figures come first
+        assert drawn[-1].rstrip().endswith("| 154.1 steps/s ETA 0:02:02 val_loss 0.2500"), drawn[-1]
+
+
+def test_with_mini_batches_the_loss_shown_is_the_epoch_mean_weighted_by_rows():
+    out = io.StringIO()
+    progress = Progress(out, terminal=False, now=Clock())
+    progress.start(6, 0, steps_per_epoch=3, batches=(10, 4))  # batches of 4, 4 and 2 rows per epoch
+    losses = [1.0, 2.0, 4.0, 8.0, 8.0, 2.0]
+    for step, loss in enumerate(losses, start=1):
+        progress.step({"step": step, "loss": loss, "accuracy": 0.5, "seconds": float(step)})
+    progress.close()
+    lines = out.getvalue().splitlines()
+    by_step = {int(line.split()[1].split("/")[0]): line for line in lines}
+    assert by_step[3].startswith(f"step 3/6 loss {(4 * 1 + 4 * 2 + 2 * 4) / 10:.4f} accuracy 0.5000 epoch 1/2")
+    assert by_step[4].startswith("step 4/6 loss 8.0000")  # a new epoch starts its own mean
+    assert by_step[6].startswith(f"step 6/6 loss {(4 * 8 + 4 * 8 + 2 * 2) / 10:.4f}")
+
+
 @pytest.mark.parametrize("seconds, text", [(0, "0:00:00"), (59.6, "0:01:00"), (3725, "1:02:05")])
 def test_clock(seconds, text):
     assert clock(seconds) == text

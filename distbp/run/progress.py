@@ -8,17 +8,25 @@
   comes first, and at the end.
 - quiet: neither, and no status lines; warnings and errors always print.
 
+With mini-batches, the loss and accuracy shown are the mean over the epoch so far (each step's
+batch weighted by its rows), not the last batch's alone; metrics.csv keeps each step's own.
+The bar's words are cut whole, never mid-number, to fit the terminal's width.
+
 Steps/s and the ETA are measured over the steps this process ran (not those resumed from),
 from its first step's row on, with the time each step was applied (the rows' `seconds`), so
 neither the start-up, a resume, nor rows arriving a window at a time skews them.
 """
 
 import math
+import shutil
 import sys
 import time
 
+from distbp.data import sampling
+
 EVERY_S = 10.0  # off a terminal: a line at least this often
 EVERY_FRACTION = 0.1  # ... and at every tenth of the steps
+BAR = 10  # characters of the bar itself
 
 
 def is_warning(message):
@@ -36,21 +44,20 @@ BAR_NAMES = ("val_loss", "val_accuracy", "val_rmse", "val_r2", "loss", "accuracy
 SHORT = {"accuracy": "acc", "val_accuracy": "val_acc"}  # on the bar, where width is short
 
 
-def figures(row, short=False):
-    """The row's loss and validation figures, as `name value` pairs (on the bar, `short`: the
-    validation figures first, and shorter names)."""
-    names = BAR_NAMES if short else NAMES
-    return " ".join(f"{SHORT.get(k, k) if short else k} {row[k]:.4f}" for k in names if row.get(k) is not None)
+def figures(row):
+    """The row's loss and validation figures, as `name value` pairs."""
+    return " ".join(f"{k} {row[k]:.4f}" for k in NAMES if row.get(k) is not None)
 
 
 class Progress:
     """Called with every metrics row (`step`) and every log line (`log`); `close` at the end."""
 
-    def __init__(self, stream=None, quiet=False, terminal=None, every_s=EVERY_S, now=time.monotonic):
+    def __init__(self, stream=None, quiet=False, terminal=None, every_s=EVERY_S, now=time.monotonic, columns=None):
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.terminal = self.stream.isatty() if terminal is None else terminal
         self.every_s, self.now = every_s, now
+        self.columns = columns  # the bar's width; None: the terminal's, read at each update
         self.bar = None
         self.total = self.done = None  # steps in the run; the last step shown
         self.first = None  # (the step before this process's first row, when it arrived)
@@ -68,9 +75,11 @@ class Progress:
             print(message, file=self.stream, flush=True)
 
     # -- steps ------------------------------------------------------------------------------
-    def start(self, total, done, steps_per_epoch=None):
-        """The run has `total` steps, `done` of them before this process started (--resume)."""
+    def start(self, total, done, steps_per_epoch=None, batches=None):
+        """The run has `total` steps, `done` of them before this process started (--resume).
+        `batches`: (training rows, batch size) of a mini-batch run, else None."""
         self.total, self.done, self.steps_per_epoch = total, done, steps_per_epoch
+        self.batches, self.epoch_sums = batches, None
         self.first = None
         self.last_line = self.now()
         self.next_mark = self._mark_after(done)
@@ -78,15 +87,13 @@ class Progress:
             return
         # smoothing=0: steps/s over the whole of this process's run, not a moving average of
         # the gaps between rows (which come in bursts: a window of steps at a time)
-        import shutil
-
         from tqdm import tqdm
 
-        sized = shutil.get_terminal_size((0, 0)).columns > 0  # some terminals (script, CI runners) give no size
+        sized = self.columns is None and shutil.get_terminal_size((0, 0)).columns > 0  # some terminals (script, CI runners) give no size
         self.bar = tqdm(
             total=total, initial=done, file=self.stream, leave=True,
-            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
-            bar_format="step {n_fmt}/{total_fmt} |{bar:12}| {desc}",  # desc: steps/s, ETA, epoch and the figures
+            dynamic_ncols=sized, ncols=None if sized else self.columns or 100, nrows=None if sized else 24,
+            bar_format=f"step {{n_fmt}}/{{total_fmt}} |{{bar:{BAR}}}| {{desc}}",  # desc: steps/s, ETA, the figures, epoch
         )
 
     def _mark_after(self, step):
@@ -100,6 +107,8 @@ class Progress:
             return  # a step replayed after a recovery: shown already
         if not any(k.startswith("val_") for k in row):  # between evaluations: the last figures
             row = {**row, **{k: v for k, v in (self.row or {}).items() if k.startswith("val_")}}
+        if self.batches:
+            row = self._epoch_mean(row)
         self.row, self.done = row, step
         if self.first is None:  # steps/s from here: the steps before it include the start-up
             self.first = (step, self._at(row))
@@ -110,6 +119,21 @@ class Progress:
             now = self.now()
             if step >= self.next_mark or now - self.last_line >= self.every_s or step == self.total:
                 self._line(now)
+
+    def _epoch_mean(self, row):
+        """The row with its loss and accuracy replaced by their mean over the epoch so far,
+        each step weighted by its batch's rows."""
+        n, batch = self.batches
+        epoch, _ = sampling.epoch_and_index(row["step"], n, batch)
+        if self.epoch_sums is None or self.epoch_sums[0] != epoch:
+            self.epoch_sums = [epoch, 0, {}]
+        rows = sampling.batch_size(row["step"], n, batch)
+        self.epoch_sums[1] += rows
+        sums = self.epoch_sums[2]
+        for k in ("loss", "accuracy"):
+            if row.get(k) is not None:
+                sums[k] = sums.get(k, 0.0) + row[k] * rows
+        return {**row, **{k: v / self.epoch_sums[1] for k, v in sums.items()}}
 
     def _at(self, row):
         """When the row's step was applied: its `seconds` (rows arrive a window at a time)."""
@@ -134,8 +158,17 @@ class Progress:
         return " ".join(p for p in (figures(self.row), self._epoch(), self._speed()) if p)
 
     def _bar_detail(self):
-        """On the bar, steps/s and ETA come first: a narrow terminal cuts the end of the line."""
-        return " ".join(p for p in (self._speed(), self._epoch(), figures(self.row, short=True)) if p)
+        """On the bar, steps/s and ETA first, then the figures (validation first) and the
+        epoch, as many whole words as fit the width: nothing is cut mid-number."""
+        parts = [self._speed()] + [f"{SHORT.get(k, k)} {self.row[k]:.4f}" for k in BAR_NAMES if self.row.get(k) is not None] + [self._epoch()]
+        columns = self.columns or shutil.get_terminal_size((100, 24)).columns
+        room = columns - 1 - len(f"step {self.total}/{self.total} |{' ' * BAR}| ")
+        kept = []
+        for part in filter(None, parts):
+            if len(" ".join(kept + [part])) > room:
+                break
+            kept.append(part)
+        return " ".join(kept)
 
     def _line(self, now):
         print(f"step {self.done}/{self.total} {self._detail()}", file=self.stream, flush=True)
