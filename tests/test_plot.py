@@ -11,7 +11,7 @@ import pytest
 from distbp.errors import UsageError
 
 pytest.importorskip("matplotlib")
-from distbp.run.plot import plot_run  # noqa: E402
+from distbp.run.plot import figure, plot_run  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -20,7 +20,7 @@ def write_metrics(folder, steps=60, eval_every=10, layers=2, classification=True
     """A metrics.csv like a run writes: evaluation columns empty except every `eval_every` steps."""
     header = ["step", "loss"] + (["accuracy"] if classification else []) + ["seconds", "lr", "workers"]
     if validation:
-        header += ["val_loss"] + (["val_accuracy"] if classification else [])
+        header += ["val_loss"] + (["val_accuracy"] if classification else ["val_rmse", "val_r2"])
     header += [f"{k}_{l}" for l in range(1, layers + 1) for k in ("grad_norm", "delta_mean")]
     rows = []
     for step in range(1, steps + 1):
@@ -31,6 +31,8 @@ def write_metrics(folder, steps=60, eval_every=10, layers=2, classification=True
         if validation:
             row["val_loss"] = f"{loss * 1.1:.6g}" if evaluation else ""
             row["val_accuracy"] = f"{1 - loss / 2.0:.4f}" if evaluation else ""
+            row["val_rmse"] = f"{math.sqrt(2 * loss):.6g}" if evaluation else ""
+            row["val_r2"] = f"{1 - loss:.4f}" if evaluation else ""
         for l in range(1, layers + 1):
             row[f"grad_norm_{l}"] = f"{l * math.exp(-step / 30):.6g}" if evaluation else ""
             row[f"delta_mean_{l}"] = f"{0.1 / l * math.exp(-step / 40):.6g}" if evaluation else ""
@@ -66,9 +68,43 @@ def test_plot_to_a_chosen_path_replaces_it(tmp_path):
     assert not (tmp_path / "plot.png").exists()
 
 
+def drawn(fig):
+    """{panel's y label: {line label: (xs, ys)}} of a figure, twin axes under their own label."""
+    return {ax.get_ylabel(): {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()} for ax in fig.axes}
+
+
 def test_plot_a_regression_run_without_validation(tmp_path):
     write_metrics(tmp_path, classification=False, validation=False, layers=1)
     assert_png(plot_run(tmp_path))
+    panels = drawn(figure(str(tmp_path)))
+    assert set(panels["loss (log scale)"]) == {"train loss"} and "r2" not in panels and "accuracy" not in panels
+
+
+def test_the_loss_axis_is_logarithmic_and_regression_draws_rmse_and_r2(tmp_path):
+    write_metrics(tmp_path, classification=False, validation=True, layers=1, eval_every=10)
+    fig = figure(str(tmp_path))
+    loss_axis = fig.axes[0]
+    assert loss_axis.get_yscale() == "log"
+    panels = drawn(fig)
+    assert set(panels["loss (log scale)"]) == {"train loss", "validation loss", "validation rmse"}
+    steps, rmse = panels["loss (log scale)"]["validation rmse"]
+    assert steps == list(range(10, 61, 10))  # the evaluation rows only
+    assert rmse == pytest.approx([math.sqrt(2 * (2.0 * math.exp(-s / 20) + 0.05)) for s in steps], rel=1e-5)
+    assert set(panels["r2"]) == {"validation r2"}
+
+
+def test_a_classification_run_draws_accuracy_on_the_twin_axis(tmp_path):
+    write_metrics(tmp_path)
+    panels = drawn(figure(str(tmp_path)))
+    assert set(panels["loss (log scale)"]) == {"train loss", "validation loss"}
+    assert set(panels["accuracy"]) == {"train accuracy", "validation accuracy"}
+    assert panels["learning rate"]
+    assert {"‖grad W1‖", "mean |delta 1|", "‖grad W2‖", "mean |delta 2|"} <= set(panels["per layer (log scale)"])
+
+
+def test_a_loss_of_zero_keeps_a_linear_axis(tmp_path):
+    (tmp_path / "metrics.csv").write_text("step,loss,seconds,lr\n1,0.7,0.01,0.1\n2,0.0,0.02,0.1\n")
+    assert figure(str(tmp_path)).axes[0].get_yscale() == "linear"
 
 
 def test_plot_without_layer_columns_and_with_a_single_row(tmp_path):

@@ -1,8 +1,9 @@
 """Plots of a finished or running run: metrics.csv in a run folder -> one PNG.
 
 Panels, against the optimizer step:
-1. loss (train, and validation where present), with accuracy (train, validation) on a twin
-   axis for classification runs;
+1. loss (train, and validation where present) on a log scale, so the late steps do not lie
+   flat; on a twin axis, accuracy (train, validation) for classification runs, or the
+   validation r2 for regression runs, whose validation rmse shares the loss axis;
 2. the learning rate applied;
 3. per layer, the gradient norm (solid) and the mean |delta| (dashed, same colour) on a log
    scale, from the evaluation steps only (the other rows leave those cells empty).
@@ -63,10 +64,6 @@ def _has(columns: dict, name: str) -> bool:
 
 def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> str:
     """Draw run_dir/metrics.csv into a PNG (default run_dir/plot.png); returns the PNG's path."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UsageError("matplotlib is not installed", hint="distbp needs it for plots: pip install 'matplotlib>=3.7,<4'") from None
     run_dir = os.fspath(run_dir)
     if not os.path.isdir(run_dir):
         raise UsageError(f"{run_dir}: no such run folder")
@@ -75,6 +72,22 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
         raise UsageError(f"-o {out_path}: is a folder", hint="give a file name, such as curves.png")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
         raise UsageError(f"-o {out_path}: no folder {os.path.dirname(os.path.abspath(out_path))}")
+    fig = figure(run_dir)
+    from distbp.run.checkpoint import (
+        atomic_write,  # here: importing this module loads no numpy
+    )
+
+    # a temporary file in the same folder, then a rename: a reader never sees half a PNG
+    atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=110))
+    return out_path
+
+
+def figure(run_dir: str):
+    """The matplotlib Figure of run_dir/metrics.csv (panels: see the module's docstring)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("matplotlib is not installed", hint="distbp needs it for plots: pip install 'matplotlib>=3.7,<4'") from None
     columns = _read_metrics(os.path.join(run_dir, "metrics.csv"))
     steps = columns["step"]
     layers = sorted({int(m.group(2)) for m in map(_LAYER_COLUMN.match, columns) if m})
@@ -84,25 +97,32 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     axes = fig.subplots(3 if layers else 2, 1, sharex=True, height_ratios=[3, 1, 3][: 3 if layers else 2])
     ax_loss, ax_lr = axes[0], axes[1]
 
+    # a log axis needs positive values: a loss of exactly 0 (or a negative one) is left out
+    log = all(v > 0 for name in ("loss", "val_loss", "val_rmse") if name in columns for v in columns[name] if not math.isnan(v))
     ax_loss.plot(*_present(steps, columns["loss"]), color="C0", label="train loss")
     if _has(columns, "val_loss"):
         ax_loss.plot(*_present(steps, columns["val_loss"]), "o-", color="C1", ms=3, label="validation loss")
-    ax_loss.set_ylabel("loss")
+    if _has(columns, "val_rmse"):
+        ax_loss.plot(*_present(steps, columns["val_rmse"]), "^:", color="C5", ms=3, label="validation rmse")
+    if log:
+        ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss (log scale)" if log else "loss")
     ax_loss.set_title(os.path.basename(os.path.abspath(run_dir)))
     handles, labels = ax_loss.get_legend_handles_labels()
-    if _has(columns, "accuracy") or _has(columns, "val_accuracy"):
-        ax_acc = ax_loss.twinx()
-        if _has(columns, "accuracy"):
-            ax_acc.plot(*_present(steps, columns["accuracy"]), color="C2", alpha=0.8, label="train accuracy")
-        if _has(columns, "val_accuracy"):
-            ax_acc.plot(*_present(steps, columns["val_accuracy"]), "s--", color="C3", ms=3,
-                        label="validation accuracy")
-        ax_acc.set_ylabel("accuracy")
-        ax_acc.set_ylim(0, 1.02)
-        more_handles, more_labels = ax_acc.get_legend_handles_labels()
+    twin = [(name, label, style) for name, label, style in (
+        ("accuracy", "train accuracy", "-"), ("val_accuracy", "validation accuracy", "s--"), ("val_r2", "validation r2", "d--"),
+    ) if _has(columns, name)]
+    if twin:
+        ax_twin = ax_loss.twinx()
+        for i, (name, label, style) in enumerate(twin):
+            ax_twin.plot(*_present(steps, columns[name]), style, color=f"C{i + 2}", ms=3, alpha=0.8, label=label)
+        ax_twin.set_ylabel("accuracy" if any(name.endswith("accuracy") for name, _, _ in twin) else "r2")
+        low = min(0.0, *(v for name, _, _ in twin for v in columns[name] if not math.isnan(v)))
+        ax_twin.set_ylim(max(low, -1.0), 1.02)  # an r2 far below 0 (a poor start) would flatten the rest
+        more_handles, more_labels = ax_twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     ax_loss.legend(handles, labels, loc="center right", fontsize="small")
-    ax_loss.grid(alpha=0.3)
+    ax_loss.grid(alpha=0.3, which="both" if log else "major")
 
     if _has(columns, "lr"):
         ax_lr.plot(*_present(steps, columns["lr"]), color="C4")
@@ -124,13 +144,4 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
         ax_norm.legend(loc="upper right", fontsize="small", ncol=2)
         ax_norm.grid(alpha=0.3, which="both")
     axes[-1].set_xlabel("step")
-
-    # a temporary file in the same folder, then a rename: a reader never sees half a PNG
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
-        raise UsageError(f"{out_path}: the folder does not exist")
-    from distbp.run.checkpoint import (
-        atomic_write,  # here: importing this module loads no numpy
-    )
-
-    atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=110))
-    return out_path
+    return fig
