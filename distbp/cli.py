@@ -280,10 +280,10 @@ def bench(job_file, workloads, max_workers, steps, warmup, parameter_servers, as
 
 @main.group("data")
 def data_group():
-    """Synthetic and bundled data sets."""
+    """Make synthetic data sets; convert a table to Parquet, CSV or Feather."""
 
 
-@data_group.command("make")
+@data_group.command("make", short_help="Generate a synthetic data set into a file.")
 @click.argument("kind", type=click.Choice(list(KINDS)))
 @click.option("--rows", type=int, help="Rows to generate (required; not for digits, which has 1,797).")
 @click.option("-o", "--out", "out_path", required=True, help="Output file: .parquet, .csv or .feather.")
@@ -307,3 +307,20 @@ def data_make(kind, rows, out_path, seed, classes, features, layers):
     table = datasets.make_dataset(kind, rows, seed=seed, **{k: v for k, v in options.items() if v is not None})
     tables.write_table(table, out_path)
     click.echo(f"wrote {count(table.num_rows, 'row')} x {count(table.num_columns, 'column')} -> {out_path}")
+
+
+@data_group.command("convert", short_help="Convert a table into one Parquet, CSV or Feather file.")
+@click.argument("in_path", metavar="DATA")
+@click.option("-o", "--out", "out_path", required=True, help="Output file: .parquet, .csv or .feather, by its extension.")
+@click.option("--format", "in_format", type=click.Choice(["auto", "parquet", "csv", "feather"]), default="auto", show_default=True,
+              help="DATA's format, when its extension does not say.")
+@one_line_errors
+def data_convert(in_path, out_path, in_format):
+    """Convert the table DATA (a file, folder, glob or URI) into one file, streaming it."""
+    from distbp.data import tables
+
+    source = tables.open_source(in_path, in_format, key=None)  # DATA is an argument, not a job key
+    if "://" not in out_path and os.path.abspath(out_path) in source.files:
+        raise UsageError(f"-o {out_path}: is the input itself", hint="write to another file")
+    tables.write_blocks((block for _, block in source.blocks()), source.schema, out_path)
+    click.echo(f"wrote {count(source.num_rows, 'row')} x {count(len(source.columns), 'column')} -> {out_path}")

@@ -549,3 +549,49 @@ def test_merged_shard_moments_equal_whole_table_moments(cuts):
     np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-14)
     np.testing.assert_allclose(std[[0, 2]], x.std(axis=0)[[0, 2]], rtol=1e-9)
     assert std[1] == 1.0
+
+
+# ---------------------------------------------------------------- distbp data convert
+
+def test_data_convert_streams_a_folder_of_csv_files_into_one_parquet_file_and_back(tmp_path):
+    from click.testing import CliRunner
+
+    from distbp.cli import main
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    labels = np.array(["yes", "no, thanks", 'a "quoted" one'])
+    whole = []
+    for i in range(3):  # 3 files of 70,000 rows: more than one row group of 65,536 in the Parquet file
+        part = pa.table({"x0": rng.standard_normal(70_000), "n": np.arange(70_000) + i * 70_000, "label": labels[rng.integers(0, 3, 70_000)]})
+        tables.write_table(part, str(folder / f"part-{i}.csv"))
+        whole.append(part)
+    whole = pa.concat_tables(whole)
+    result = CliRunner().invoke(main, ["data", "convert", str(folder), "-o", str(tmp_path / "all.parquet")])
+    assert result.exit_code == 0 and result.output == f"wrote 210000 rows x 3 columns -> {tmp_path / 'all.parquet'}\n", result.output
+    meta = pq.ParquetFile(tmp_path / "all.parquet").metadata
+    assert meta.num_rows == 210_000 and meta.num_row_groups == 4 and meta.row_group(0).num_rows == 65_536
+    assert pq.read_table(tmp_path / "all.parquet").equals(whole)
+    back = CliRunner().invoke(main, ["data", "convert", str(tmp_path / "all.parquet"), "-o", str(tmp_path / "all.csv")])
+    assert back.exit_code == 0, back.output
+    assert tables.open_source(str(tmp_path / "all.csv")).read_rows(0, 210_000).equals(whole)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("args, line", [
+    (["missing.csv", "-o", "x.parquet"], "error: missing.csv does not exist"),
+    (["d.csv", "-o", "d.csv"], "error: -o d.csv: is the input itself (write to another file)"),
+    (["d.csv", "-o", "d.txt"], "error: cannot write d.txt: unknown extension (use .parquet, .csv or .feather)"),
+])
+def test_data_convert_refuses_in_one_line_and_writes_nothing(tmp_path, monkeypatch, args, line):
+    from click.testing import CliRunner
+
+    from distbp.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.csv").write_text("x0,label\n1.5,a\n")
+    before = sorted(os.listdir(tmp_path))
+    result = CliRunner().invoke(main, ["data", "convert", *args])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [line], result.output
+    assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "d.csv").read_text() == "x0,label\n1.5,a\n"

@@ -135,3 +135,58 @@ def test_the_example_runs_on_a_terminal(repo, name):
         for frame in line.split("\r"):
             if frame.startswith("step "):
                 assert not re.search(r"(made |setup: |warning: |done: )", frame), frame
+
+
+def readme_section(title):
+    """The code blocks of the README's section `## title`, in order: (language, text)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```(\w*)\n(.*?)^```$", section, re.S | re.M)
+
+
+def test_the_own_csv_quick_start_runs_as_the_readme_writes_it(tmp_path):
+    """The README's "Your own CSV": its job file and every command, run in a folder holding a
+    customers.csv with empty cells and a string label, a holdout.csv and a new.csv."""
+    import numpy as np
+    import pyarrow as pa
+
+    from distbp.data import tables
+
+    blocks = readme_section("Your own CSV")
+    (_, job), (_, commands) = blocks
+    (tmp_path / "customers.yaml").write_text(job)
+    rng = np.random.default_rng(7)
+
+    def customers(n):
+        age, income, visits = rng.uniform(18, 80, n), rng.lognormal(10, 0.5, n), rng.poisson(6, n).astype(float)
+        churned = np.where(visits + 0.05 * age < 6 + rng.normal(0, 1, n), "yes", "no")
+        return {"age": age, "income": income, "visits": visits, "churned": churned}
+
+    train = customers(1000)
+    train["income"][[5, 50, 500]] = np.nan
+    train["income"] = pa.array(train["income"], mask=np.isnan(train["income"]))  # empty cells in the CSV
+    tables.write_table(pa.table(train), str(tmp_path / "customers.csv"))
+    assert (tmp_path / "customers.csv").read_text().count(",,") == 3
+    tables.write_table(pa.table(customers(200)), str(tmp_path / "holdout.csv"))
+    new = customers(50)
+    del new["churned"]
+    tables.write_table(pa.table(new), str(tmp_path / "new.csv"))
+
+    lines = [line for line in commands.splitlines() if line.strip()]
+    assert all(line.startswith("distbp ") for line in lines), lines
+    out = {}
+    for line in lines:
+        proc = subprocess.run([sys.executable, "-m", "distbp", *line.split()[1:]], cwd=tmp_path, env=environment(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (line, proc.stdout, proc.stderr[-3000:])
+        assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+        out[line.split()[1] if line.split()[1] != "run" else " ".join(line.split()[1:])] = proc
+    assert out["run customers.yaml --dry-run"].stdout.strip().endswith("data.on_nan: drop will skip 3 rows holding NaN or inf values")
+    assert "data.on_nan: drop: skipped 3 rows holding NaN or inf values" in out["run customers.yaml"].stderr
+    report = json.loads(out["eval"].stdout)
+    assert report["rows"] == 200 and report["accuracy"] > 0.7, report
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        predicted = list(csv.DictReader(f))
+    assert len(predicted) == 50 and {r["prediction"] for r in predicted} <= {"no", "yes"}
+    assert {"proba_no", "proba_yes"} <= set(predicted[0])
+    assert (tmp_path / "customers.onnx").stat().st_size > 0 and (tmp_path / "runs" / "customers" / "plot.png").exists()

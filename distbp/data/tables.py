@@ -348,7 +348,7 @@ def _open_source(path: str, format: str) -> TableSource:
 _STRUCTURAL = '[,"\r\n]'  # what forces a CSV field into quotes
 
 
-def _write_csv(table: pa.Table, sink) -> None:
+def _write_csv(table: pa.Table, sink, header: bool = True) -> None:
     """CSV as spreadsheets and pandas write it: quotes only around a name or value that holds
     a comma, a quote or a line break (pyarrow's writer quotes every name and every string).
     pyarrow writes the rows unless some string needs quotes; then Python's csv module does."""
@@ -362,7 +362,8 @@ def _write_csv(table: pa.Table, sink) -> None:
         csv.writer(out, lineterminator="\n").writerows(rows)
         return out.getvalue().encode()
 
-    sink.write(lines([table.column_names]))
+    if header:
+        sink.write(lines([table.column_names]))
     strings = [c for c in table.columns if pa.types.is_string(c.type) or pa.types.is_large_string(c.type)]
     if not any(pc.any(pc.match_substring_regex(c, _STRUCTURAL)).as_py() for c in strings):
         pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False, quoting_style="none"))
@@ -374,6 +375,25 @@ def _write_csv(table: pa.Table, sink) -> None:
 def write_table(table: pa.Table, path: str, row_group_size: int = 65536) -> None:
     """Write `table` as Parquet, CSV or Feather by the extension of `path`, atomically: a
     temporary file in the same folder, then a rename. A URI is written with one upload."""
+    write_blocks([table], table.schema, path, row_group_size)
+
+
+def _regrouped(blocks, rows: int):
+    """The rows of the tables `blocks`, in tables of exactly `rows` rows (the last may hold fewer)."""
+    pending = None
+    for block in blocks:
+        pending = block if pending is None else pa.concat_tables([pending, block])
+        while pending.num_rows >= rows:
+            yield pending.slice(0, rows)
+            pending = pending.slice(rows)
+    if pending is not None and pending.num_rows:
+        yield pending
+
+
+def write_blocks(blocks, schema: pa.Schema, path: str, row_group_size: int = 65536) -> None:
+    """Write the tables `blocks` (each of `schema`), one after the other, as one table: as
+    `write_table` does, streaming, so the whole table is never held at once. A write that
+    fails (a full disk) leaves no file and is a DataError naming `path`."""
     path = _local(str(path))
     format = _format_of(path)
     if format is None or path.lower().endswith((".gz", ".bz2", ".zst")):
@@ -381,12 +401,17 @@ def write_table(table: pa.Table, path: str, row_group_size: int = 65536) -> None
 
     def write(sink) -> None:
         if format == "parquet":
-            pq.write_table(table, sink, row_group_size=row_group_size)
+            with pq.ParquetWriter(sink, schema) as writer:
+                for table in _regrouped(blocks, row_group_size):
+                    writer.write_table(table, row_group_size=row_group_size)
         elif format == "feather":
-            with ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table, max_chunksize=row_group_size)
+            with ipc.new_file(sink, schema) as writer:
+                for table in blocks:
+                    writer.write_table(table, max_chunksize=row_group_size)
         else:
-            _write_csv(table, sink)
+            _write_csv(schema.empty_table(), sink)
+            for table in blocks:
+                _write_csv(table, sink, header=False)
 
     if _is_uri(path):
         try:
@@ -411,6 +436,9 @@ def write_table(table: pa.Table, path: str, row_group_size: int = 65536) -> None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        os.unlink(tmp)
+        raise DataError(f"cannot write {path}: {err.strerror or _first_line(err)}", "nothing was written") from None
     except BaseException:
         os.unlink(tmp)
         raise
