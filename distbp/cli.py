@@ -271,6 +271,8 @@ def bench(job_file, workloads, max_workers, steps, warmup, parameter_servers, as
             report["scaling_model"] = bench_mod.scaling_model(report, bandwidth_gbit)
     merged = bench_mod.merge(reports)
     click.echo(bench_mod.to_json(merged) if as_json else bench_mod.table(merged))
+    for warning in [] if as_json else merged["warnings"]:  # in the JSON under "warnings"
+        click.echo(warning, err=True)
     if scaling and not as_json:
         for report in reports:
             click.echo(bench_mod.model_table(report["scaling_model"]))

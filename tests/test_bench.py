@@ -91,3 +91,29 @@ def test_scaling_model_follows_its_formula():
     assert k100["ps4_sec"] == pytest.approx(0.02 + 0.01 + 2 * 25 * 4e6 / link)
     assert k100["ring_allreduce_sec"] == pytest.approx(0.02 + 0.01 + 2 * 0.99 * 4e6 / link)
     assert (k1["ps1_bound"], k100["ps1_bound"]) == ("compute", "server")
+
+
+def result(workers, sec, ceiling, compute=None):
+    return {"workload": "tiny", "workers": workers, "engine": "direct", "steps": 100, "sec_per_step": sec, "sec_per_step_min": sec,
+            "ceiling_sec": ceiling, "ceiling_ratio": sec / ceiling, "gflops_nominal": 1.0, "compute_sec": compute or sec / 2,
+            "comm_overhead_sec": sec / 2, "startup_sec": 5.0, "pss_mb_total": 300.0, "rss_mb_worker_max": 120.0}
+
+
+def test_figures_a_busy_machine_made_are_flagged_and_milliseconds_stay_plain():
+    """The trial's report on 2 loaded cores: a 2-thread ceiling slower than the 1-thread one,
+    2 workers at 0.27x their ceiling and 2.15x as fast as 1 process."""
+    report = {"machine": {"cores": 2}, "results": [
+        result(0, 0.0043, 0.0004), result(1, 0.0030, 0.0004), result(2, 0.0020, 0.0074),
+    ]}
+    warnings = bench.flags(report)
+    assert any("the 2-thread ceiling (7.40 ms) is slower than the 1-thread one (0.400 ms)" in w for w in warnings), warnings
+    assert any("2 workers ran at 0.27x its ceiling" in w for w in warnings), warnings
+    assert any("2 workers are 2.15x as fast as 1 process on 2 cores" in w for w in warnings), warnings
+    assert all(w.startswith("warning: tiny: ") for w in warnings)
+    calm = {"machine": {"cores": 2}, "results": [result(0, 0.010, 0.004), result(1, 0.011, 0.004), result(2, 0.006, 0.0022)]}
+    assert bench.flags(calm) == []
+    report["results"].append({**result(2, 1.234, 2.5), "workers": 3, "sec_per_step": 1234.5})
+    text = bench.table(report)
+    assert "e+" not in text and "e-" not in text and "1234500" in text
+    assert "x ceiling: ms/step / ceiling ms" in text
+    assert bench.ms(0.0000123) == "0.012" and bench.ms(0.0123) == "12.3" and bench.ms(1.5) == "1500"
