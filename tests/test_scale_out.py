@@ -89,6 +89,7 @@ def parse_ray_command(command):
 
     parsed = []
     command = re.sub(r"\$\(ip -o route get .*\)", "10.0.0.2", command)  # a worker's own address, from its route to the head
+    command = re.sub(r"\$\(echo \$SSH_CONNECTION \| awk '\{print \$3\}'\)", "10.0.0.1", command)  # the head's: where ray up logged in
     for part in command.replace("$RAY_HEAD_IP", "10.0.0.1").split(";"):
         words, env = shlex.split(part), {}
         while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", words[0]):
@@ -153,6 +154,14 @@ def test_setup_installs_the_checkout_with_the_dependency_pins_of_pyproject(name)
     # node, RAY_AUTH_MODE=token in every shell
     assert any(remote.endswith("/.ray/auth_token") and local == "~/.ray/auth_token" for remote, local in mounts.items())
     assert any("export RAY_AUTH_MODE=token" in c for c in config["initialization_commands"])
+
+
+def test_the_onprem_head_address_is_written_in_one_place():
+    """head_ip alone: the head's own start command takes it from the SSH session ray up opened."""
+    text, config = CONFIGS["onprem"].read_text(), read_config("onprem")
+    assert text.count(config["provider"]["head_ip"]) == 1
+    head = [p for c in config["head_start_ray_commands"] for p in parse_ray_command(c)][1][2]
+    assert head["node_ip_address"] == "10.0.0.1"  # what $SSH_CONNECTION's third field stands for here
 
 
 def test_cloud_and_onprem_configs_install_the_same_way():
