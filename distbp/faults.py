@@ -6,14 +6,14 @@ Driver points fire once per process; worker points fire in the worker of rank 1 
     model_written       the driver exits hard after model.npz, before the checkpoint marked done
     checkpoint_write    writing a checkpoint fails with an OSError (a full disk)
     model_write         writing model.npz fails with an OSError (a full disk)
-    checkpoint_slow     writing a checkpoint takes 4 s more (room for a second signal)
+    checkpoint_slow     writing a checkpoint stalls 4 s once its temporary file exists (room for a second signal)
     snapshot            parameter actor 0 is killed as the driver gathers a snapshot
     recovery            a second worker is killed while recovery replaces the first
     metrics_rewrite     the driver exits hard halfway through rewriting metrics.csv
     worker_after_eval   the worker exits hard right after sending evaluation step STEP
     pause_ray           the driver waits (10 minutes) once Ray runs, before the actors start
     pause_actors        the driver waits once the actors have read the data, before the run folder changes
-A pause prints "fault: paused at POINT" on stderr first, so that a test can signal it there.
+A pause or stall prints "fault: paused at POINT" on stderr first, so that a test can signal it there.
 """
 
 import os
@@ -51,6 +51,7 @@ def hit(point, step=None):
     if point in ("checkpoint_write", "model_write"):
         raise OSError(28, "No space left on device (DISTBP_FAULT)")
     if point == "checkpoint_slow":
+        print(f"fault: paused at {point}", file=sys.stderr, flush=True)
         time.sleep(4)
     if point.startswith("pause_"):
         print(f"fault: paused at {point}", file=sys.stderr, flush=True)

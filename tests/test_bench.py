@@ -1,4 +1,4 @@
-"""`distbp bench` produces the report DESIGN section 6 promises (speed itself is never asserted)."""
+"""`distbp bench` produces the report docs/bench.md describes (speed itself is never asserted)."""
 
 import json
 import os

@@ -22,7 +22,7 @@ Every example but those of test_what_the_workers_refuse_... is refused before Ra
 fixture makes `cluster.connect` fail loudly, so a case that slips through fails fast instead
 of starting one. That test alone uses the session's Ray, for a few examples of what only the
 workers can see (NaN with on_nan: error, classes against the output width). Unknown CLI
-options alone are not fuzzed (test_bad_input has them). FIXED and KNOWN_BUGS pin the bugs
+options alone are not fuzzed (test_bad_input has them). FIXED and ONCE_INTERNAL_ERRORS pin the bugs
 these fuzzers found (model files, plots, data make), each now refused in one line.
 """
 
@@ -682,7 +682,7 @@ def bad_model_file(draw, kind):
         return lambda folder, assets: ((folder / "m.npz").mkdir(), "m.npz")[1]
     if kind == "random":
         blob = draw(st.binary(min_size=1, max_size=400), label="bytes")
-        assume(not blob.startswith((b"PK", b"\x93NUMPY")))  # zip and npy magic: KNOWN_BUGS has those
+        assume(not blob.startswith((b"PK", b"\x93NUMPY")))  # zip and npy magic: ONCE_INTERNAL_ERRORS has those
         return lambda folder, assets: ((folder / "bad.npz").write_bytes(blob), "bad.npz")[1]
     if kind == "data_file":
         fmt = draw(st.sampled_from(["parquet", "csv", "feather"]))
@@ -956,7 +956,7 @@ def _raw(folder, name, content):
     return name
 
 
-KNOWN_BUGS = {  # id -> setup(folder, assets) -> args; each was an internal error (or exit 0) and now exits 2 in one line
+ONCE_INTERNAL_ERRORS = {  # id -> setup(folder, assets) -> args; each was an internal error (or exit 0) and now exits 2 in one line
     # distbp/run/model.py load_model catches OSError, ValueError, KeyError, JSONDecodeError only:
     "model-truncated-npz": lambda f, a: ["eval", _raw(f, "m.npz", (a["root"] / "model.npz").read_bytes()[:100]), "data.parquet"],  # BadZipFile
     "model-empty-file": lambda f, a: ["eval", _raw(f, "m.npz", b""), "data.parquet"],  # EOFError
@@ -982,11 +982,11 @@ KNOWN_BUGS = {  # id -> setup(folder, assets) -> args; each was an internal erro
 }
 
 
-@pytest.mark.parametrize("bug", sorted(KNOWN_BUGS))
+@pytest.mark.parametrize("bug", sorted(ONCE_INTERNAL_ERRORS))
 def test_found_bugs_in_models_plots_and_data_make(tmp_path, assets, bug):
     folder = new_folder(tmp_path)
     put(assets, folder, "data.parquet")
-    refused(folder, KNOWN_BUGS[bug](folder, assets))
+    refused(folder, ONCE_INTERNAL_ERRORS[bug](folder, assets))
 
 
 @pytest.mark.parametrize("value", [float("nan"), None, float("inf")])

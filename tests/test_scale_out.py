@@ -188,7 +188,7 @@ def test_distbp_run_address_spreads_workers_over_nodes_and_matches_the_embedded_
     job = make_job(name="mn", rows=400, train={"steps": 20, "optimizer": {"name": "adam", "lr": 0.01}, "checkpoint_every": 10})
     want = Trainer(load(job, [f"output.dir={tmp_path / 'embedded'}"])).run().model_path
     report = on_cluster(job, tmp_path / "cluster", "--cli")  # head + 2 nodes, 1 CPU each
-    assert report["address"].startswith("127.0.0.1:")  # loopback mode (DESIGN section 5)
+    assert report["address"].startswith("127.0.0.1:")  # loopback mode (README: Running on a shared network)
     assert report["returncode"] == 0 and "done: 20 steps" in report["stdout"]
     assert len(report["nodes"]) == 3
     workers = report["worker_nodes"]  # read from the cluster's own actor table

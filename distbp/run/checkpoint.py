@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distbp import faults
 from distbp.errors import UsageError
 
 _NAME = re.compile(r"^step-(\d{9})\.npz$")
@@ -38,11 +39,17 @@ def changed(arrays):
     return DIGEST in arrays and str(arrays[DIGEST]) != digest(arrays)
 
 
-def atomic_savez(path, arrays):
-    """np.savez to `path`, with the digest of its arrays, through a temporary file + fsync + rename."""
+def atomic_savez(path, arrays, during=lambda: None):
+    """np.savez to `path`, with the digest of its arrays, through a temporary file + fsync +
+    rename; `during()` is called once the temporary file exists (a test's fault hook)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     arrays = {**arrays, DIGEST: np.array(digest(arrays))}
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+    def write(f):
+        during()
+        np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def atomic_write(path, write):
@@ -100,7 +107,7 @@ def save(folder, ckpt, keep=3):
         arrays["best"], arrays["best_params"] = ckpt.best, ckpt.best_params
     arrays.update({OPT + k: v for k, v in ckpt.opt_state.items()})
     path = os.path.join(folder, f"step-{ckpt.step:09d}.npz")
-    atomic_savez(path, arrays)
+    atomic_savez(path, arrays, during=lambda: faults.hit("checkpoint_slow", ckpt.step))
     for old in list_steps(folder)[:-keep]:
         os.unlink(os.path.join(folder, f"step-{old:09d}.npz"))
     return path

@@ -226,7 +226,6 @@ class RunOutputs:
         (the early-stopping record, or None), and upload it with its marker; returns where it
         is. `workers`: the worker count that computed it (an elastic run's may be below
         cluster.workers)."""
-        faults.hit("checkpoint_slow", step)
         if best is None or snap.best_params is None:
             best = None
         ckpt = checkpoint.Checkpoint(step, snap.params, snap.opt_state, job_hash(self.job), self.job.seed, done, workers,

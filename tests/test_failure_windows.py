@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -234,17 +233,23 @@ def test_sigterm_checkpoints_and_exits_143(make_job, tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_second_signal_stops_at_once_with_its_own_exit_code(ray_address, make_job, tmp_path, sig, code):
     job = make_job(name="twice", **LONG)
-    proc = start(job, "--quiet", fault="checkpoint_slow", address=ray_address)  # the checkpoint after the first signal takes 4 s
+    proc = start(job, "--quiet", fault="checkpoint_slow", address=ray_address)  # the checkpoint after the first signal stalls 4 s
+    folder = tmp_path / "runs" / "twice" / "checkpoints"
     wait_for_rows(tmp_path / "runs" / "twice" / "metrics.csv", 20, proc)
     proc.send_signal(sig)
-    time.sleep(1.5)  # the driver is now writing the checkpoint
+    seen = []
+    for line in proc.stderr:  # until the checkpoint's write has begun (or the run ended)
+        seen.append(line)
+        if line.strip() == "fault: paused at checkpoint_slow":
+            break
+    assert seen and seen[-1].strip() == "fault: paused at checkpoint_slow", "".join(seen)
+    assert [n for n in os.listdir(folder) if n.startswith(".tmp-")], os.listdir(folder)  # half-written, under its temporary name
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     lines = err.strip().splitlines()
     assert lines[-1].startswith("stopped: ") and "second signal" in lines[-1] and "Traceback" not in err
-    assert checkpoint.list_steps(str(tmp_path / "runs" / "twice" / "checkpoints")) == []  # none half-written
-    assert not [n for n in os.listdir(tmp_path / "runs" / "twice" / "checkpoints") if n.startswith(".tmp")] if (tmp_path / "runs" / "twice" / "checkpoints").exists() else True
+    assert sorted(os.listdir(folder)) == []  # the half-written checkpoint is gone, none took its name
 
 
 
