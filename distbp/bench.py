@@ -149,7 +149,7 @@ def step_count(sec_per_step, min_seconds=MIN_SECONDS):
     return int(min(MAX_STEPS, max(10, np.ceil(min_seconds / sec_per_step))))
 
 
-def distributed(job_dict, workers, steps, warmup, workdir):
+def distributed(job_dict, workers, steps, warmup, workdir, engine=None):
     """One embedded-Ray run of `job_dict` with `workers` workers; per-step times, memory,
     the step engine that ran and the start-up and finish phases."""
     from distbp.api import load
@@ -157,9 +157,9 @@ def distributed(job_dict, workers, steps, warmup, workdir):
 
     loaded = sys.modules.get("ray")  # not imported before the run picks Ray's mode
     ray_was_up = loaded is not None and loaded.is_initialized()
-    job = load(job_dict, [f"cluster.workers={workers}", f"train.steps={warmup + steps}", f"output.dir={workdir}/run-{workers}"])
+    sets = [f"cluster.workers={workers}", f"train.steps={warmup + steps}", f"output.dir={workdir}/run-{workers}"]
+    job = load(job_dict, sets + ([f"cluster.engine={engine}"] if engine else []))
     stamps, compute, memory = [], [], {}
-    trainer = Trainer(job, force=True)
 
     def on_step(row):
         stamps.append(row["seconds"])  # when the step was applied: rows may reach the driver in batches
@@ -171,7 +171,7 @@ def distributed(job_dict, workers, steps, warmup, workdir):
             memory["pss_mb_total"] = _pss_mb(os.getpid()) if not ray_was_up else None
             memory["rss_mb_worker_max"] = max(ray.get([w.peak_rss_mb.remote() for w in trainer.workers]))
 
-    trainer.on_step = on_step
+    trainer = Trainer(job, force=True, on_step=on_step)
     start = time.time()
     result = trainer.run()
     per_step = np.diff(stamps)[warmup:]
@@ -203,8 +203,9 @@ def machine():
     }
 
 
-def run(workload="teacher", job_path=None, max_workers=2, steps=None, warmup=3, parameter_servers=1, log=lambda m: None):
-    """The whole report: {"machine": ..., "results": [...]} with the keys of docs/bench.md."""
+def run(workload="teacher", job_path=None, max_workers=2, steps=None, warmup=3, parameter_servers=1, log=lambda m: None, engine=None):
+    """The whole report: {"machine": ..., "results": [...]} with the keys of docs/bench.md.
+    `engine`: the step engine (cluster.engine) of every distributed point; None: the job's."""
     from distbp.api import load, spec_of
     from distbp.data.job import job_to_dict
 
@@ -238,7 +239,7 @@ def run(workload="teacher", job_path=None, max_workers=2, steps=None, warmup=3, 
         for k in range(1, max_workers + 1):
             n = steps_for(spec, rows, k, steps)
             log(f"{name}: {k} worker(s), {n} steps")
-            d = distributed(job_dict, k, n, warmup, workdir)
+            d = distributed(job_dict, k, n, warmup, workdir, engine)
             results.append({"workload": name, "workers": k, "threads_per_worker": 1, "steps": n, **d})
         driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the in-process parts
         log(f"{name}: ceiling and single process")

@@ -254,18 +254,17 @@ def export(model_path, out_path):
 @click.option("--model", "scaling", is_flag=True, help="Also predict time per step on 1..256 cloud workers (docs/scaling.md).")
 @click.option("--bandwidth-gbit", type=float, default=10.0, show_default=True, help="Network bandwidth for --model.")
 @click.option("--chart", "chart_path", help="Also draw time per step against workers into this PNG.")
-@click.option("--engine", type=click.Choice(list(ENGINES)), default="direct", show_default=True, help="The step engine: direct links between the actors, or plain Ray tasks (as DISTBP_ENGINE).")
+@click.option("--engine", type=click.Choice(list(ENGINES)), help="The step engine (cluster.engine): direct links between the actors, or plain Ray tasks. Default: the job's, direct.")
 @one_line_errors
 def bench(job_file, workloads, max_workers, steps, warmup, parameter_servers, as_json, scaling, bandwidth_gbit, chart_path, engine):
     """Time per step against the matrix-product ceiling: one process and 1..N Ray workers."""
     from distbp import bench as bench_mod
     from distbp.runtime.cluster import choose_mode
 
-    os.environ["DISTBP_ENGINE"] = engine
     choose_mode(None)  # embedded, loopback-only Ray for every point
     log = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     names = [None] if job_file else list(workloads or ["teacher"])
-    reports = [bench_mod.run(name, job_file, max_workers, steps, warmup, parameter_servers, log) for name in names]
+    reports = [bench_mod.run(name, job_file, max_workers, steps, warmup, parameter_servers, log, engine) for name in names]
     if scaling:
         for report in reports:
             report["scaling_model"] = bench_mod.scaling_model(report, bandwidth_gbit)

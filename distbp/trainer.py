@@ -73,7 +73,7 @@ class Trainer:
 
     def run(self):
         job, outputs = self.job, self.outputs
-        engine_class = engine.chosen()
+        engine_class = engine.chosen(job)
         ckpt = outputs.start_checkpoint()
         model_only = ckpt is not None and ckpt.finished and not outputs.has_model()  # its model write failed
         if ckpt is not None and ckpt.finished and not model_only:

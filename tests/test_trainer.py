@@ -109,10 +109,10 @@ def test_direct_engine_gives_the_same_bits_as_tasks(ray_session, make_job, monke
     runs = {}
     train = {"optimizer": {"name": "adam", "lr": 0.01}, "steps": 40, "checkpoint_every": 15,
              "early_stopping": {"patience": 50}, "eval_every": 4}
+    monkeypatch.delenv("DISTBP_ENGINE", raising=False)
     for engine in ("tasks", "direct"):
-        monkeypatch.setenv("DISTBP_ENGINE", engine)
         job = load(make_job(rows=200, name=f"e-{engine}-{servers}", data={"validation": 0.25}, train=train),
-                   [f"cluster.parameter_servers={servers}"])
+                   [f"cluster.parameter_servers={servers}", f"cluster.engine={engine}"])
         result = Trainer(job).run()
         assert result.engine == engine  # the engine asked for really ran: no silent fallback
         runs[engine] = (model_arrays(result.model_path), open(result.metrics_path).read().splitlines())
@@ -154,6 +154,9 @@ def test_an_unknown_engine_is_refused_in_one_line(make_job, monkeypatch):
 
     from distbp.cli import main
 
-    monkeypatch.setenv("DISTBP_ENGINE", "graph")
-    result = CliRunner().invoke(main, ["run", str(make_job(rows=50, name="eng")), "--quiet"])
+    job = str(make_job(rows=50, name="eng"))
+    result = CliRunner().invoke(main, ["run", job, "--quiet", "--set", "cluster.engine=graph"])
+    assert result.exit_code == 2 and "cluster.engine: expected one of direct | tasks, got 'graph'" in result.output, result.output
+    monkeypatch.setenv("DISTBP_ENGINE", "graph")  # the override is checked as well
+    result = CliRunner().invoke(main, ["run", job, "--quiet"])
     assert result.exit_code == 2 and "DISTBP_ENGINE: expected one of direct, tasks, got 'graph'" in result.output

@@ -353,6 +353,7 @@ class ClusterCfg:
     elastic: bool = _flag(False)  # go on with fewer workers when a lost one cannot be replaced
     min_workers: int = _int(1, ge=1)  # elastic: below this many workers the run stops
     blas_kernel: str = _spec("auto", _check_kernel)  # auto, or the OpenBLAS kernel every worker runs
+    engine: str = _one_of("direct", "tasks")  # how steps are carried out: links between the actors, or Ray tasks
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ rank-order sum and optimizer step), so the bits are identical.
   over the links with no Ray task, object store or driver hop per step, and the parameter
   actors return the window's StepInfos at its end. Windows end at every step the driver must
   act on (a checkpoint, an early-stopping evaluation, the end) and last about WINDOW_S.
-- `tasks` (DISTBP_ENGINE=tasks): plain Ray actor tasks, one per worker and per parameter
+- `tasks` (cluster.engine: tasks): plain Ray actor tasks, one per worker and per parameter
   actor per step, the weights of step s + 1 chained as an object reference from step s.
 
 A lost actor shows as a Ray error, or a broken link, from `run`; the trainer then replaces
@@ -148,9 +148,12 @@ class DirectEngine:
 ENGINES = {"direct": DirectEngine, "tasks": TaskEngine}
 
 
-def chosen():
-    """The engine class DISTBP_ENGINE names (default direct); UsageError for another name."""
-    name = os.environ.get("DISTBP_ENGINE") or "direct"
+def chosen(job):
+    """The engine class of cluster.engine, or of DISTBP_ENGINE when set (an override for the
+    tests' second pass); UsageError for another name."""
+    name = os.environ.get("DISTBP_ENGINE")
+    if name is None:
+        return ENGINES[job.cluster.engine]
     if name not in ENGINES:
         raise UsageError(f"DISTBP_ENGINE: expected one of {', '.join(ENGINES)}, got {name!r}")
     return ENGINES[name]
