@@ -18,7 +18,8 @@ from distbp.run.model import Model
 from distbp.run.outputs import RunOutputs, RunResult  # noqa: F401 (RunResult: part of the API)
 from distbp.run.stopping import EarlyStopping
 from distbp.runtime import cluster, engine
-from distbp.runtime.actors import Actors, Start, recoverable
+from distbp.runtime.actors import Actors, Start
+from distbp.runtime.calls import recoverable
 from distbp.runtime.messages import COUNT, Order, figures
 from distbp.runtime.recovery import Recovery
 from distbp.text import count

@@ -130,7 +130,7 @@ def test_a_link_set_up_ended_part_way_leaves_no_shared_memory_behind(ray_session
     import ray
 
     from distbp.runtime import shm
-    from distbp.runtime.actors import remote_class
+    from distbp.runtime.calls import remote_class
     from distbp.runtime.server import ParameterServer
 
     before = set(os.listdir("/dev/shm"))

@@ -12,48 +12,13 @@ from distbp import faults
 from distbp.backprop import nn
 from distbp.data import rowmath, sampling
 from distbp.data.checks import check_validation_rows, merge_summaries
-from distbp.errors import DistbpError, TrainingError, UsageError
+from distbp.errors import TrainingError, UsageError
 from distbp.runtime import blas, cluster
-from distbp.runtime.link import LinkError
+from distbp.runtime.calls import CONTROL, get, kill, ping, placed, remote_class
 from distbp.runtime.messages import Snapshot, add_sums
 from distbp.runtime.server import ParameterServer
 from distbp.runtime.workers import ShardPlan, ShardWorker
 from distbp.text import count
-
-CONTROL = "control"  # a concurrency group of its own: pings answer while a step computes
-
-
-def unwrap(err):
-    """A DistbpError or LinkError raised inside an actor, as itself; anything else unchanged."""
-    cause = getattr(err, "cause", None)
-    return cause if isinstance(cause, (DistbpError, LinkError)) else err
-
-
-def get(refs, timeout=None):
-    """ray.get that re-raises distbp's own errors from inside an actor as themselves."""
-    import ray
-
-    try:
-        return ray.get(refs, timeout=timeout)
-    except ray.exceptions.RayTaskError as err:
-        raise unwrap(err) from None
-
-
-def recoverable():
-    """The Ray errors that mean an actor, its node or its data were lost."""
-    import ray
-
-    return (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, LinkError)
-
-
-def kill(actor):
-    import ray
-
-    try:
-        ray.kill(actor, no_restart=True)
-    except Exception:  # already gone
-        pass
-
 
 # Idle actors kept between the runs of one process on the Ray it started (distbp.train and the
 # estimators, cluster.keep): a later run with the same worker options renews them instead of
@@ -392,36 +357,6 @@ def total_sum_of_squares(prepared):
             s, s2 = np.sum([p[0] for p in parts], axis=0), np.sum([p[1] for p in parts], axis=0)
             sst[name] = float(np.sum(s2 - s * s / n))
     return sst
-
-
-def placed(actors, wait_s):
-    """The actors of `actors` that were placed and started within `wait_s` seconds, in their
-    order; the others are killed (no node had room for them). An actor that died starting
-    raises its Ray error, as a lost one does."""
-    import ray
-
-    refs = [ping(a) for a in actors]
-    ray.wait(refs, num_returns=len(refs), timeout=wait_s)
-    started = []
-    for actor, ref in zip(actors, refs):
-        try:
-            ray.get(ref, timeout=0)
-            started.append(actor)
-        except ray.exceptions.GetTimeoutError:
-            kill(actor)
-    return started
-
-
-def remote_class(cls):
-    """The Ray actor class of `cls`, with the control concurrency group (one thread)."""
-    import ray
-
-    return ray.remote(concurrency_groups={CONTROL: 1})(cls)
-
-
-def ping(actor):
-    """A ping in the actor's control group, so that it answers while the actor computes."""
-    return actor.ping.options(concurrency_group=CONTROL).remote()
 
 
 def slice_state(opt_state, a, b, size):

@@ -28,6 +28,8 @@ import os
 import secrets
 
 from distbp.errors import UsageError
+from distbp.runtime.calls import CONTROL, get, unwrap
+from distbp.runtime.link import LinkError
 
 WINDOW_S = 0.25  # a direct window's target length: progress rows and signals are this fresh
 MAX_WINDOW = 256
@@ -61,8 +63,6 @@ class TaskEngine:
         return [self._submit(order) for order in orders]
 
     def collect(self, handle):
-        from distbp.runtime.actors import get
-
         return [get(refs) for refs in handle]
 
     def window(self, step_sec):
@@ -81,8 +81,6 @@ class DirectEngine:
 
     def rebuild(self):
         """(Re)open every link: each parameter actor listens, each worker connects to all."""
-        from distbp.runtime.actors import get
-
         self.close()
         workers, servers = self.actors.workers, self.actors.servers
         nodes = [w["node_id"] for w in get([a.where.remote() for a in workers + servers])]
@@ -102,8 +100,6 @@ class DirectEngine:
         return serving, [s.run.remote(orders) for s in self.actors.servers]
 
     def collect(self, handle):
-        from distbp.runtime.actors import get
-
         serving, running = handle
         try:
             per_server = get(running)
@@ -117,9 +113,6 @@ class DirectEngine:
         """After a failed window: wait (briefly) for the workers' serve calls to end, and raise a
         worker's own error when that, not a lost link, was the cause."""
         import ray
-
-        from distbp.runtime.actors import unwrap
-        from distbp.runtime.link import LinkError
 
         ray.wait(serving, num_returns=len(serving), timeout=5)
         for ref in serving:
@@ -138,8 +131,6 @@ class DirectEngine:
     def close(self):
         """Close every link (from each actor's control thread, so a blocked serve wakes up)."""
         import ray
-
-        from distbp.runtime.actors import CONTROL
 
         refs = [a.disconnect.options(concurrency_group=CONTROL).remote() for a in self.actors.workers + self.actors.servers]
         ray.wait(refs, num_returns=len(refs), timeout=10)

@@ -13,7 +13,8 @@ import numpy as np
 from distbp import faults
 from distbp.backprop import nn
 from distbp.errors import TrainingError
-from distbp.runtime.actors import Start, get, ping, recoverable
+from distbp.runtime.actors import Start
+from distbp.runtime.calls import get, kill, ping, recoverable
 from distbp.text import count
 
 DEAD_AFTER_S = 60  # an actor that does not answer a control-group ping this long counts as lost
@@ -72,8 +73,6 @@ class Recovery:
             self._count(f"worker {k} lost ({first})")
             self.log(f"warning: worker {k} lost; starting a replacement ({self.replacements} of at most {self.job.cluster.max_failures})")
             if faults.armed("recovery"):  # a second failure, while this one is being handled
-                from distbp.runtime.actors import kill
-
                 kill(self.actors.workers[(k + 1) % len(self.actors.workers)])
             if gone or not self.actors.replace_worker(k, wait_s):  # after one found no room, none will
                 if not self.job.cluster.elastic:
