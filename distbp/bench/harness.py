@@ -1,13 +1,7 @@
-"""`distbp bench`: time per step against the matrix-product ceiling, one process and 1..K
-Ray workers, measured side by side in one run (the JSON keys: docs/bench.md).
+"""`distbp bench`'s harness: the workloads, and timing the ceiling (the matrix products a step
+needs, at the workload's own shapes, with numpy's BLAS and 1..K threads), distbp's gradient in
+one process, and 1..K Ray workers, side by side in one run."""
 
-The ceiling of a step is the time of the products it really needs at the workload's shapes:
-every layer's forward product and weight-gradient product, and the input-gradient product of
-every layer but the first, timed here with numpy's BLAS. GFLOP/s use the nominal 6 * N * (number of weights), the
-count the peer baselines use, so GFLOP/s ratios are inverse time ratios.
-"""
-
-import json
 import multiprocessing
 import os
 import platform
@@ -29,14 +23,14 @@ WORKLOADS = {
     # one mini-batch-sized step: the teacher network on the first 512 rows of its data
     "batch512": dict(layers=(784, 256, 128, 10), rows=512, dtype="float32", activation="relu", output="softmax", loss="cross_entropy"),
 }
+
 PHASES = ("imports", "ray_start", "actor_start", "data_read", "first_step", "plot", "shutdown")
+
 MIN_SECONDS = 3.0  # each distributed point runs at least this long (or MAX_STEPS steps)
+
 MAX_STEPS = 2000
+
 FIXED_GUESS_S = 0.003  # a step's fixed cost, for choosing a step count before measuring
-# TCP payload per byte a link's rate counts at MTU 1500: 1448 of a full frame's 1514 bytes
-# (Ethernet header 14, IPv4 20, TCP 20 and 12 of timestamp option). Jumbo frames (MTU 9001):
-# 8949 of 9015, 0.993. Measured over rate-limited links: docs/scaling.md.
-PAYLOAD_SHARE = 1448 / 1514
 
 
 def workload_spec(name):
@@ -262,170 +256,3 @@ def run(workload="teacher", job_path=None, max_workers=2, steps=None, warmup=3, 
             r.setdefault("mode", "distributed")
     spec_info = {"layers": list(spec.layers), "num_params": spec.num_params, "itemsize": spec.np_dtype.itemsize, "rows": rows}
     return {"machine": machine(), "spec": spec_info, "results": results}
-
-
-def ms(seconds):
-    """Milliseconds in plain digits, about 3 significant ones, never in scientific notation."""
-    if seconds is None:
-        return "-"
-    v = seconds * 1e3
-    return f"{v:.{0 if abs(v) >= 100 else 1 if abs(v) >= 10 else 2 if abs(v) >= 1 else 3}f}"
-
-
-LEGEND = """\
-ms/step: median time per step (min ms: the fastest); ceiling ms: the matrix products a step needs, timed
-with as many BLAS threads as workers; x ceiling: ms/step / ceiling ms; compute ms: the slowest worker's
-forward and backward; fixed ms: ms/step - compute ms (links, the sum, the optimizer); PSS MB: the run's
-processes together; worker MB: the largest worker's resident memory. Every key: docs/bench.md."""
-
-
-def flags(report):
-    """`warning:` lines for figures the machine made untrustworthy: a ceiling that gets slower
-    with more threads, a run faster than its ceiling, more speed-up than cores or workers, and
-    more workers than cores. A busy machine gives these; rerun on an idle one."""
-    out, cores = [], report["machine"]["cores"] or 1
-    for name in dict.fromkeys(r["workload"] for r in report["results"]):
-        rows = [r for r in report["results"] if r["workload"] == name]
-        ceilings = {max(1, r["workers"]): r["ceiling_sec"] for r in rows}
-        single = next((r for r in rows if r["workers"] == 0), None)
-        for k in sorted(ceilings)[1:]:
-            if ceilings[k] > 1.1 * ceilings[k - 1]:
-                out.append(f"warning: {name}: the {k}-thread ceiling ({ms(ceilings[k])} ms) is slower than the {k - 1}-thread one "
-                           f"({ms(ceilings[k - 1])} ms): other work shares the cores, so the x ceiling figures are not to be trusted")
-        for r in rows:
-            run = "1 process" if r["workers"] == 0 else f"{r['workers']} workers"
-            if r["ceiling_ratio"] < 0.9:
-                out.append(f"warning: {name}: {run} ran at {r['ceiling_ratio']:.2f}x its ceiling, faster than the products it needs: "
-                           "the ceiling was timed while the machine was busy")
-            if r["workers"] and single is not None:
-                speedup = single["sec_per_step"] / r["sec_per_step"]
-                if speedup > min(r["workers"], cores):
-                    out.append(f"warning: {name}: {run} are {speedup:.2f}x as fast as 1 process on {cores} cores: more than "
-                               "the cores allow (smaller shards fitting a cache can do it, a 1-process time slowed by other work more often)")
-            if r["workers"] > cores:
-                out.append(f"warning: {name}: {run} on {cores} cores: workers share cores, so their times say little about scaling")
-    return out
-
-
-def table(report):
-    """The report as aligned text, one line per result, then one conclusion per workload and a
-    legend of the columns."""
-    head = ["workload", "run", "engine", "steps", "ms/step", "min ms", "ceiling ms", "x ceiling", "GFLOP/s",
-            "compute ms", "fixed ms", "start-up s", "PSS MB", "worker MB"]
-    lines = [head]
-    num = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
-    for r in report["results"]:
-        run = "1 process" if r["workers"] == 0 else f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}"
-        lines.append([
-            r["workload"], run, r.get("engine", "-"), str(r["steps"]), ms(r["sec_per_step"]), ms(r["sec_per_step_min"]),
-            ms(r["ceiling_sec"]), num(r["ceiling_ratio"], "{:.2f}"), num(r["gflops_nominal"], "{:.1f}"), ms(r["compute_sec"]),
-            ms(r["comm_overhead_sec"]) if r["workers"] else "-", num(r["startup_sec"], "{:.1f}") if r["workers"] else "-",
-            num(r["pss_mb_total"], "{:.0f}"), num(r["rss_mb_worker_max"], "{:.0f}"),
-        ])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    text = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in lines]
-    conclusions = [conclusion(report, name) for name in dict.fromkeys(r["workload"] for r in report["results"])]
-    return "\n".join(text + conclusions + [LEGEND])
-
-
-def conclusion(report, workload):
-    """One line: the most workers against one process and against their ceiling."""
-    rows = [r for r in report["results"] if r["workload"] == workload]
-    single = next(r for r in rows if r["workers"] == 0)
-    top = max(rows, key=lambda r: r["workers"])
-    return (
-        f"{workload}: {top['workers']} workers {single['sec_per_step'] / top['sec_per_step']:.2f}x as fast as 1 process, "
-        f"{top['ceiling_ratio']:.2f}x the {top['workers']}-thread ceiling, fixed cost {top['comm_overhead_sec'] * 1e3:.2f} ms/step"
-    )
-
-
-def merge(reports):
-    """One report of several workloads: results in one list, each workload's spec and
-    scaling model under `workloads`, and `warnings` (see `flags`)."""
-    merged = {"machine": reports[0]["machine"], "results": [r for rep in reports for r in rep["results"]], "workloads": {}}
-    merged["warnings"] = flags(merged)
-    for rep in reports:
-        name = rep["results"][0]["workload"]
-        merged["workloads"][name] = {k: v for k, v in rep.items() if k not in ("machine", "results")}
-    return merged
-
-
-def to_json(report):
-    return json.dumps(report)
-
-
-def scaling_model(report, bandwidth_gbit=10.0, workers=(1, 2, 4, 8, 16, 32, 64, 128, 256), servers=(1, 2, 4, 8)):
-    """Predicted seconds per step on K workers (one per VM core) and S parameter actors, from
-    three figures measured in `report`: the compute rate per core (single process), the fixed
-    cost of a step (1 worker: time per step minus compute) and the bytes moved per step.
-
-    T(K, S) = work / (K * rate) + fixed + 2 max(P b / B, K P b / (S B))
-    A worker reads the new weights (P b bytes) and then sends its gradient (P b); each
-    parameter actor's node serves K P b / S and then receives as much. B is the link's rate in
-    TCP payload bytes/s (PAYLOAD_SHARE of its bit rate). The weights of a step go out before
-    its gradients can come back, and the next step's weights need every gradient, so a
-    full-duplex link never carries both halves of a step at once: the factor 2.
-    A ring all-reduce instead moves 2 (K - 1) / K * P b per worker, sending and receiving at
-    once. So do parameter shards on the workers' nodes (per_worker, S = K): each node sends its
-    slice to the K - 1 others while it receives theirs, then each gradient slice goes back the
-    same way, (K - 1) / K * P b each way in each half of the step."""
-    single = next(r for r in report["results"] if r["workers"] == 0)
-    one = next(r for r in report["results"] if r["workers"] == 1)
-    work = single["gflops_nominal"] * single["sec_per_step"] * 1e9  # nominal FLOPs per step
-    rate = single["gflops_nominal"] * 1e9  # FLOP/s of one core
-    fixed = max(one["sec_per_step"] - one["compute_sec"], 0.0)
-    spec = report["spec"]
-    param_bytes = spec["num_params"] * spec["itemsize"]
-    link = bandwidth_gbit * 1e9 / 8 * PAYLOAD_SHARE  # payload bytes/s
-    rows = []
-    for k in workers:
-        compute = work / (k * rate)
-        ring = 2 * (k - 1) / k * param_bytes / link
-        row = {"workers": k, "compute_sec": compute, "ring_allreduce_sec": compute + fixed + ring, "per_worker_sec": compute + fixed + ring}
-        for s in servers:
-            worker, server = 2 * param_bytes / link, 2 * k * param_bytes / (s * link)
-            row[f"ps{s}_sec"] = compute + fixed + max(worker, server)
-            row[f"ps{s}_bound"] = "server" if server > max(compute, worker) else "compute"
-        rows.append(row)
-    figures = {"rate_gflops_per_core": rate / 1e9, "fixed_sec": fixed, "param_bytes": param_bytes, "bandwidth_gbit": bandwidth_gbit,
-               "payload_share": PAYLOAD_SHARE}
-    return {"figures": figures, "rows": rows}
-
-
-def model_table(model):
-    f = model["figures"]
-    head = f"figures: {f['rate_gflops_per_core']:.1f} GFLOP/s per core, fixed {f['fixed_sec'] * 1e3:.2f} ms/step, {f['param_bytes'] / 1e6:.2f} MB of parameters, {f['bandwidth_gbit']:g} Gb/s links"
-    servers = sorted({int(k[2:-4]) for k in model["rows"][0] if k.startswith("ps") and k.endswith("_sec")})
-    lines = [head, "workers  compute  " + "  ".join(f"S={s:<3d}      " for s in servers) + "  per_worker  ring all-reduce"]
-    for r in model["rows"]:
-        cells = "  ".join(f"{r[f'ps{s}_sec']:8.4f} {r[f'ps{s}_bound'][0]}" for s in servers)
-        lines.append(f"{r['workers']:7d}  {r['compute_sec']:7.4f}  {cells}  {r['per_worker_sec']:10.4f}  {r['ring_allreduce_sec']:8.4f}")
-    lines.append("seconds per step; c = compute-bound, s = parameter-actor-bound")
-    return "\n".join(lines)
-
-
-def chart(reports, path):
-    """A PNG of time per step against workers, one panel per workload, with the ceiling."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        from distbp.errors import UsageError
-
-        raise UsageError("matplotlib is not installed", hint="distbp needs it for plots: pip install 'matplotlib>=3.7,<4'") from None
-    fig = Figure(figsize=(4.2 * len(reports), 3.6), layout="constrained")
-    for ax, report in zip(fig.subplots(1, len(reports), squeeze=False)[0], reports):
-        dist = [r for r in report["results"] if r["mode"] == "distributed"]
-        single = next(r for r in report["results"] if r["mode"] == "single process")
-        k = [r["workers"] for r in dist]
-        ax.plot(k, [r["sec_per_step"] * 1e3 for r in dist], "o-", label="distbp, K workers x 1 thread")
-        ax.plot(k, [r["ceiling_sec"] * 1e3 for r in dist], "k--", label="matmul ceiling, K threads")
-        ax.axhline(single["sec_per_step"] * 1e3, color="tab:green", lw=1, label="distbp, one process")
-        ax.set_title(f"{dist[0]['workload']} ({'-'.join(map(str, report['spec']['layers']))}, N={report['spec']['rows']})")
-        ax.set_xlabel("workers")
-        ax.set_ylabel("ms per step")
-        ax.set_xticks(k)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
-    return path
