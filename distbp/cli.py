@@ -154,15 +154,11 @@ def _run_with_progress(job, resume, force, quiet, verbose=False):
 
     progress = Progress(quiet=quiet)
 
-    def on_step(row):
-        if progress.total is None:  # the step count is known once the data is read (epochs)
-            actors, batch = trainer.actors, job.train.batch
-            batches = None if batch == "full" else (actors.n_train, int(batch))
-            progress.start(actors.total_steps, row["step"] - 1, actors.steps_per_epoch, batches)  # resumed: from there
-        progress.step(row)
+    def on_start(start):  # the step count is known once the data is read (epochs)
+        progress.start(start.total_steps, start.done, start.steps_per_epoch, start.batches)  # resumed: from there
 
     detail = progress.log if verbose else None
-    trainer = Trainer(job, resume=resume, force=force, log=progress.log, on_step=on_step, detail=detail, signals=True)
+    trainer = Trainer(job, resume=resume, force=force, log=progress.log, on_step=progress.step, detail=detail, signals=True, on_start=on_start)
     try:
         return trainer.run()
     finally:

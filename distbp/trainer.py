@@ -6,6 +6,7 @@ outputs (the run folder). The driver holds no backprop math and no data."""
 
 import signal
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,33 +16,54 @@ from distbp.data import sampling
 from distbp.data.checks import ensure_data, prepare
 from distbp.errors import DistbpError, TrainingError
 from distbp.run.model import Model
-from distbp.run.outputs import RunOutputs, RunResult  # noqa: F401 (RunResult: part of the API)
+from distbp.run.outputs import RunOutputs, RunResult
 from distbp.run.stopping import EarlyStopping
 from distbp.runtime import cluster, engine
 from distbp.runtime.actors import Actors, Start
 from distbp.runtime.calls import recoverable
-from distbp.runtime.messages import COUNT, Order, figures
+from distbp.runtime.messages import Order, figures, rows_of
 from distbp.runtime.recovery import Recovery
 from distbp.text import count
+
+
+class Recorded(NamedTuple):
+    """The last step whose metrics row was recorded, and that row (None before the first)."""
+
+    step: int
+    row: dict | None
+
+
+class RunStart(NamedTuple):
+    """What `on_start` gets once the data is read, before the first step."""
+
+    total_steps: int
+    done: int  # steps done before this run (a resumed run's checkpoint step), else 0
+    steps_per_epoch: int | None  # epoch jobs
+    batches: tuple | None  # (training rows, batch size) with mini-batches, else None
 
 
 class Trainer:
     """One run of a job. `run()` returns a RunResult; errors are DistbpError subclasses.
     `log` gets warnings and notices; `detail` gets the set-up and phase lines (--verbose)."""
 
-    def __init__(self, job, resume=False, force=False, log=None, on_step=None, detail=None, signals=False, source=None, keep_ray=False):
+    def __init__(self, job, resume=False, force=False, log=None, on_step=None, detail=None, signals=False, source=None, keep_ray=False, on_start=None):
         self.job = job
         self.log = log or (lambda msg: None)
         self.detail = detail or (lambda msg: None)
         self.on_step = on_step or (lambda row: None)
+        self.on_start = on_start or (lambda start: None)  # a RunStart, once the data is read
         self.outputs = RunOutputs(job, resume, force, self.log)
         self.stop_requested = None  # a signal number: checkpoint after the current step and stop
         self.signals = signals  # catch SIGINT and SIGTERM (the command line does; main thread only)
         self.source = source  # rows from elsewhere than data.path: a ray.data.Dataset's BlockSource
         self.keep_ray = keep_ray  # leave an embedded Ray running for the next run of this process
         self.starting = None  # during start-up: the step a signal leaves the run at (0, or the checkpoint's)
-        self.last = (0, None)  # the last step recorded, and its row
+        self.last = Recorded(0, None)
         self.actors = self.engine = self.recovery = None
+        self.stopper = self.model = None  # early stopping (when the job has it); the model being trained
+        self.resumed_from = None  # the checkpoint step a resumed run started from
+        self.t0 = self.t_loop = 0.0  # the clock `seconds` counts from; when the loop started (perf_counter)
+        self.stop_at = None  # where early stopping ended the run
         self.phases = {}  # seconds: imports, ray_start, actor_start, data_read, first_step, plot, shutdown
 
     # what tests and tools reach for
@@ -61,7 +83,7 @@ class Trainer:
             start = Start(ckpt.params, ckpt.opt_state, ckpt.step, ckpt.best_params)
         self.actors.start(start)
         rule = job.train.early_stopping
-        self.stopper = EarlyStopping(rule, ckpt.best if ckpt else None) if rule else None
+        self.stopper = EarlyStopping(rule, ckpt.stopping if ckpt else None) if rule else None
         classes = self.actors.classes if job.data.task == "classification" else []
         self.model = Model(spec, None, job.data.task, prep.features, prep.labels, classes, self.actors.mean, self.actors.std)
 
@@ -115,7 +137,13 @@ class Trainer:
                 f"setup: {count(len(self.workers), 'worker')}, {count(len(self.servers), 'parameter actor')}, "
                 f"{count(self.actors.n_train, 'training row')}, {count(prep.spec.num_params, 'parameter')}, engine {self.engine.name}"
             )
-            result = self._model_only(ckpt) if model_only else self._loop(ckpt.step + 1 if ckpt else 1)
+            if model_only:
+                result = self._model_only(ckpt)
+            else:
+                batch = job.train.batch
+                self.on_start(RunStart(self.actors.total_steps, ckpt.step if ckpt else 0, self.actors.steps_per_epoch,
+                                       None if batch == "full" else (self.actors.n_train, int(batch))))
+                result = self._loop(ckpt.step + 1 if ckpt else 1)
         finally:
             t = time.perf_counter()
             self.close()
@@ -149,7 +177,7 @@ class Trainer:
             if self.starting is not None:
                 raise StoppedAtStart(signum, self.starting)
             if self.stop_requested:
-                raise SecondSignal(signum, self.last[0])
+                raise SecondSignal(signum, self.last.step)
             self.stop_requested = signum
 
         return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -172,10 +200,13 @@ class Trainer:
         rows = sampling.batch_size(step, self.actors.n_train, None if train.batch == "full" else int(train.batch))
         return Order(step, lr, evaluate, evaluate and self.stopper is not None, rows)
 
+    def _barrier(self, step, keep=False):
+        """Whether the driver must act once `step` is applied, before any later step runs: a
+        checkpoint, the end, or (`keep`) an early-stopping evaluation or the step it stopped at."""
+        return step % self.job.train.checkpoint_every == 0 or step == self.actors.total_steps or keep
+
     def _ends_window(self, order):
-        """Whether the driver must act once `order` is applied, before any later step runs:
-        a checkpoint, an early-stopping evaluation, or the end."""
-        return order.step % self.job.train.checkpoint_every == 0 or order.step == self.actors.total_steps or order.keep
+        return self._barrier(order.step, order.keep)
 
     def _window(self, step, size):
         """Orders for steps step.. : `size` of them at most, ending at the first that ends a window."""
@@ -190,8 +221,8 @@ class Trainer:
     def _loop(self, first):
         self.t0 = time.time() - self.outputs.metrics.last_seconds
         self.t_loop = time.perf_counter()
-        self.last = (first - 1, None)  # the last step recorded, and its row
-        self.stop_at = None  # where early stopping ended the run
+        self.last = Recorded(first - 1, None)
+        self.stop_at = None
         step, size, ahead = first, 1, None  # ahead: the window submitted before the current one was read
         while True:
             try:
@@ -208,8 +239,8 @@ class Trainer:
                     self._record(order, infos)
                 if len(results) > 1:  # about WINDOW_S of steps per window
                     size = self.engine.window((results[-1][0].applied_at - results[0][0].applied_at) / (len(results) - 1))
-                elif size == 1:
-                    size = 8
+                elif size == 1:  # after the first step: the engine's window before any step time is known
+                    size = self.engine.window(None)
                 if ahead is not None and self.stop_requested:  # checkpoint after the window ahead
                     step = orders[-1].step + 1
                     continue
@@ -234,13 +265,13 @@ class Trainer:
                 step, restored, ckpt = self.recovery.recover(err)
                 if restored:
                     self.outputs.open_metrics(step - 1)  # the replayed steps' rows are written again
-                    self.last, self.stop_at = (step - 1, None), None
+                    self.last, self.stop_at = Recorded(step - 1, None), None
                     if self.stopper is not None:  # back to the checkpoint's best so far
-                        self.stopper = EarlyStopping(self.job.train.early_stopping, ckpt.best if ckpt else None)
+                        self.stopper = EarlyStopping(self.job.train.early_stopping, ckpt.stopping if ckpt else None)
                 else:  # rows of steps applied before the failure, then on from the next
                     self._record_applied()
-                    if self.last[1] is not None and self._at_barrier(self.last[0]):
-                        result = self._after(self.last[0])  # its checkpoint or end is still to do
+                    if self.last.row is not None and self._barrier(self.last.step, self.stop_at == self.last.step):
+                        result = self._after(self.last.step)  # its checkpoint or end is still to do
                         if result is not None:
                             return step, result
                 self.engine.rebuild()
@@ -251,27 +282,25 @@ class Trainer:
     def _record(self, order, infos):
         row = self.outputs.row(order, infos, self.actors.spec, self.actors.bounds, self.job.data.task, self.t0, self.actors.sst)
         self.phases.setdefault("first_step", time.perf_counter() - self.t_loop)
-        self.last = (order.step, row)
+        self.last = Recorded(order.step, row)
         self.on_step(row)
         if self._early_stop(order, row):
             self.stop_at = order.step
 
     def _record_applied(self):
         """Rows of the steps the parameter actors applied but the driver has not yet read."""
-        for infos in self.actors.infos_after(self.last[0]):
+        for infos in self.actors.infos_after(self.last.step):
             self._record(self._order(infos[0].step), infos)
 
     def _save_applied(self):
         """Before giving up: the rows and a checkpoint of every step applied."""
         self._record_applied()
-        return self._checkpoint(self.last[0], done=False)
+        return self._checkpoint(self.last.step, done=False)
 
-    def _at_barrier(self, step):
-        return step % self.job.train.checkpoint_every == 0 or step == self.actors.total_steps or self.stop_at == step
 
     def _after(self, step):
         """After step `step` is recorded: finish, checkpoint or stop on a signal, as due."""
-        row = self.last[1]
+        row = self.last.row
         if step == self.actors.total_steps or (self.stop_at is not None and not self.stop_requested):
             return self._finish(step, row, early=step != self.actors.total_steps)
         if step % self.job.train.checkpoint_every == 0 or self.stop_requested:
@@ -334,7 +363,7 @@ class Trainer:
         """--resume of a run whose final checkpoint was written but not its model.npz:
         write model.npz (and its figures) from the checkpoint, training nothing."""
         row = self.outputs.metrics.last_row or {"step": ckpt.step, "seconds": self.outputs.metrics.last_seconds}
-        self.last = (ckpt.step, row)
+        self.last = Recorded(ckpt.step, row)
         return self._finish(ckpt.step, row, early=ckpt.step != self.actors.total_steps)
 
     def _final(self, params, row):
@@ -344,7 +373,7 @@ class Trainer:
         train, val = self.actors.evaluate(params)
         task, targets, sst = self.job.data.task, self.actors.spec.layers[-1], self.actors.sst
         final = figures(train, task, targets, sst.get("train"))
-        if val is not None and val[COUNT]:
+        if val is not None and rows_of(val):
             final.update(figures(val, task, targets, sst.get("val"), prefix="val_"))
         final["seconds"] = float(row["seconds"])
         return final
@@ -384,7 +413,3 @@ class SecondSignal(DistbpError):
         )
         self.exit_code = 128 + signum
 
-
-def train_job(job, **kwargs):
-    """Run `job` (a job.Job) and return its RunResult."""
-    return Trainer(job, **kwargs).run()

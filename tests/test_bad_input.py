@@ -3,7 +3,6 @@ the file, the dotted key or the column, and leaves an existing run folder byte-f
 unchanged, even under --force. Plus a fuzzer over mutated job files."""
 
 import copy
-import math
 import os
 import shutil
 import tempfile

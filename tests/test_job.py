@@ -2,7 +2,6 @@
 
 import copy
 import csv
-import os
 import re
 import subprocess
 import sys

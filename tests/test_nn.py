@@ -221,3 +221,16 @@ def test_init_is_seeded_and_shaped_by_scheme():
 def test_bad_specs_are_refused(kwargs):
     with pytest.raises((ValueError, KeyError)):
         nn.Spec(**kwargs)
+
+
+def test_param_slices_cover_the_vector_once_as_the_row_shards_do():
+    from distbp.data import rowmath
+
+    for n, S in [(1, 1), (10, 3), (528_138, 3), (7, 7), (10**9 + 3, 8)]:
+        slices = nn.param_slices(n, S)
+        assert slices[0][0] == 0 and slices[-1][1] == n and all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+        assert max(b - a for a, b in slices) - min(b - a for a, b in slices) <= 1
+        assert slices == rowmath.shard_ranges(n, S)  # the cut checkpoints of earlier versions were made with
+    for n, S in [(3, 4), (5, 0)]:
+        with pytest.raises(ValueError, match="at most one per parameter"):
+            nn.param_slices(n, S)

@@ -2,7 +2,6 @@
 boundaries in the Dataset's order, give what the same rows read from Parquet give."""
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 import distbp

@@ -7,7 +7,6 @@ import tempfile
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pytest
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.neural_network import MLPClassifier as SklearnMLP

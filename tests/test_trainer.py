@@ -11,7 +11,7 @@ from distbp.backprop import nn
 from distbp.data import tables
 from distbp.api import load, spec_of as trainer_spec
 from distbp.data.checks import prepare
-from distbp.runtime.messages import COUNT, Order
+from distbp.runtime.messages import Order, rows_of
 from distbp.trainer import Trainer
 
 from conftest import model_arrays
@@ -36,7 +36,7 @@ def test_assembled_gradient_equals_one_process(ray_session, make_job, workers):
         trainer.setup(prepare(job))
         weights = [s.weights.remote() for s in trainer.servers]
         outs = [w.step.options(num_returns=2).remote(Order(1, 0.0, False, False), *weights) for w in trainer.workers]
-        counts = [int(ray.get(o[1]).train[COUNT]) for o in outs]
+        counts = [int(rows_of(ray.get(o[1]).train)) for o in outs]
         assert sum(counts) == 301 and len(set(counts)) == (1 if workers == 1 else 2)
         got, _ = ray.get(trainer.servers[0].assemble.remote(workers, *[o[0] for o in outs], *[o[1] for o in outs]))
         params = np.concatenate(ray.get(weights))
@@ -136,7 +136,7 @@ def test_a_link_set_up_ended_part_way_leaves_no_shared_memory_behind(ray_session
     before = set(os.listdir("/dev/shm"))
     w = np.arange(1000, dtype=np.float64)
     server = remote_class(ParameterServer).options(num_cpus=0).remote(w, dict(name="sgd"), layer_bounds=[(0, 0, 1000)])
-    _, _, path = ray.get(server.listen.remote(True))
+    path = ray.get(server.listen.remote(True)).segment
     seen = shm.attach(path, 1000, np.float64)  # another process maps the weights: a real segment
     assert np.array_equal(seen, w) and not seen.flags.writeable
     assert set(os.listdir("/dev/shm")) <= before  # it never had a name there
@@ -160,3 +160,32 @@ def test_an_unknown_engine_is_refused_in_one_line(make_job, monkeypatch):
     monkeypatch.setenv("DISTBP_ENGINE", "graph")  # the override is checked as well
     result = CliRunner().invoke(main, ["run", job, "--quiet"])
     assert result.exit_code == 2 and "DISTBP_ENGINE: expected one of direct, tasks, got 'graph'" in result.output
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_the_one_reduce_adds_in_rank_order_whatever_feeds_it(k):
+    """Both engines' sum: a list, an iterator that reuses one buffer, or a first slice that is
+    the output itself give the bits of the plain left-to-right sum, which differ from another
+    order's (float addition does not associate)."""
+    from distbp.runtime.server import rank_order_sum
+
+    rng = np.random.default_rng(k)
+    grads = [(rng.standard_normal(1000) * 10.0 ** rng.integers(-3, 4, 1000)).astype(np.float32) for _ in range(k)]
+    want = grads[0].copy()
+    for g in grads[1:]:
+        want = want + g
+    assert np.array_equal(rank_order_sum(grads, np.empty(1000, np.float32)), want)
+    buffer, out = np.empty(1000, np.float32), np.empty(1000, np.float32)
+
+    def arriving():  # the direct engine's reads: the first into `out`, the others into one buffer
+        for i, g in enumerate(grads):
+            target = out if i == 0 else buffer
+            np.copyto(target, g)
+            yield target
+
+    assert np.array_equal(rank_order_sum(arriving(), out), want)
+    if k == 5:
+        backwards = grads[-1].copy()
+        for g in grads[-2::-1]:
+            backwards = backwards + g
+        assert not np.array_equal(backwards, want)  # so the order is what the test checks

@@ -66,6 +66,16 @@ class Spec:
         return out
 
 
+def param_slices(num_params, S):
+    """S contiguous slices [a, b) that cover the flat parameter vector once, one per parameter
+    actor; the first num_params % S hold one parameter more."""
+    if not 1 <= S <= num_params:
+        raise ValueError(f"{S} slices of {num_params} parameters: at least 1, at most one per parameter")
+    size, extra = divmod(num_params, S)
+    bounds = [r * size + min(r, extra) for r in range(S + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def slice_layers(spec, a, b):
     """[(layer, start, stop)] of each layer's part of the flat slice [a, b), in slice
     coordinates: how a parameter actor's slice maps onto layers (0-based)."""

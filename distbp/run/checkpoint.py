@@ -89,7 +89,7 @@ class Checkpoint:
     seed: int
     finished: bool = False
     workers: int = 0  # the worker count that produced it (a different count changes the bits)
-    best: np.ndarray | None = None  # early stopping: (best value, its step, evaluations since)
+    stopping: np.ndarray | None = None  # early stopping's record: (best value, its step, evaluations since)
     best_params: np.ndarray | None = None  # the weights of the best validation step
 
 
@@ -103,8 +103,8 @@ def save(folder, ckpt, keep=3):
         "job_hash": np.array(ckpt.job_hash),
         "workers": np.array(ckpt.workers, np.int64),
     }
-    if ckpt.best is not None:
-        arrays["best"], arrays["best_params"] = ckpt.best, ckpt.best_params
+    if ckpt.stopping is not None:  # stored as "best" (the name distbp 0.2 wrote)
+        arrays["best"], arrays["best_params"] = ckpt.stopping, ckpt.best_params
     arrays.update({OPT + k: v for k, v in ckpt.opt_state.items()})
     path = os.path.join(folder, f"step-{ckpt.step:09d}.npz")
     atomic_savez(path, arrays, during=lambda: faults.hit("checkpoint_slow", ckpt.step))
@@ -134,7 +134,7 @@ def load(path):
             seed=int(z["seed"]),
             finished=bool(z["finished"]),
             workers=int(z["workers"]),
-            best=z.get("best"),
+            stopping=z.get("best"),
             best_params=z.get("best_params"),
         )
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as err:

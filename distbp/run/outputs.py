@@ -15,7 +15,7 @@ from distbp.data.job import job_hash, job_to_dict
 from distbp.errors import TrainingError, UsageError
 from distbp.run import checkpoint, rundir
 from distbp.runtime import blas
-from distbp.runtime.messages import CORRECT, COUNT, DELTAS, LOSS, figures, layer_norms
+from distbp.runtime.messages import delta_means, figures, layer_norms, rows_of
 from distbp.text import count
 
 
@@ -204,32 +204,30 @@ class RunOutputs:
     def row(self, order, infos, spec, bounds, task, t0, sst=None):
         """The metrics row of an applied step, from its StepInfos (one per parameter actor)."""
         info = infos[0]
-        train, n = info.train, info.train[COUNT]
-        row = {"step": order.step, "loss": float(train[LOSS] / n), "seconds": round(info.applied_at - t0, 6), "lr": float(order.lr), "workers": info.workers}
-        if task == "classification":
-            row["accuracy"] = float(train[CORRECT] / n)
+        train = {k: v for k, v in figures(info.train, task, spec.layers[-1]).items() if k in ("loss", "accuracy")}  # no rmse for training rows
+        row = {"step": order.step, **train, "seconds": round(info.applied_at - t0, 6), "lr": float(order.lr), "workers": info.workers}
         row["compute_sec"] = float(info.slowest)  # on_step sees it (bench uses it); metrics.csv does not
-        if info.val is not None and info.val[COUNT]:
+        if info.val is not None and rows_of(info.val):
             row.update(figures(info.val, task, spec.layers[-1], (sst or {}).get("val"), prefix="val_"))
         if order.evaluate:
             norms = layer_norms(infos, bounds, spec.num_layers)
-            for l in range(spec.num_layers):
+            for l, mean in enumerate(delta_means(info.train, spec.layers[1:])):
                 row[f"grad_norm_{l + 1}"] = float(norms[l])
-                row[f"delta_mean_{l + 1}"] = float(train[DELTAS + l] / (n * spec.layers[l + 1]))
+                row[f"delta_mean_{l + 1}"] = mean
         self.metrics.write(row)
         if self.tb is not None:
             self._scalars(row)
         return row
 
-    def checkpoint(self, step, snap, best, done, workers):
-        """Write a checkpoint of `step` from `snap` (the parameter actors' Snapshot) and `best`
-        (the early-stopping record, or None), and upload it with its marker; returns where it
+    def checkpoint(self, step, snap, stopping, done, workers):
+        """Write a checkpoint of `step` from `snap` (the parameter actors' Snapshot) and
+        `stopping` (the early-stopping record, or None), and upload it with its marker; returns where it
         is. `workers`: the worker count that computed it (an elastic run's may be below
         cluster.workers)."""
-        if best is None or snap.best_params is None:
-            best = None
+        if stopping is None or snap.best_params is None:
+            stopping = None
         ckpt = checkpoint.Checkpoint(step, snap.params, snap.opt_state, job_hash(self.job), self.job.seed, done, workers,
-                                     best, None if best is None else snap.best_params)
+                                     stopping, None if stopping is None else snap.best_params)
         try:
             faults.hit("checkpoint_write", step)  # tests: a full disk, here
             path = checkpoint.save(self.ckpt_dir, ckpt, self.job.train.keep_checkpoints)

@@ -106,7 +106,10 @@ class Actors:
 
     def _cut(self, S):
         """Cut the flat vector into S slices, one per parameter actor."""
-        self.slices = rowmath.shard_ranges(self.spec.num_params, S)
+        if S > self.spec.num_params:
+            raise UsageError(f"cluster.parameter_servers: {S} parameter actors for {count(self.spec.num_params, 'parameter')}",
+                             hint="at most one per parameter; use fewer")
+        self.slices = nn.param_slices(self.spec.num_params, S)
         self.bounds = [nn.slice_layers(self.spec, a, b) for a, b in self.slices]
 
     def _plans(self, K):

@@ -33,12 +33,13 @@ from distbp.runtime.link import LinkError
 
 WINDOW_S = 0.25  # a direct window's target length: progress rows and signals are this fresh
 MAX_WINDOW = 256
+FIRST_WINDOW = 8  # steps in a window before the step time is known
 CONNECT_S = 60
 
 
 class TaskEngine:
     name = "tasks"
-    in_flight = 8
+    in_flight = FIRST_WINDOW  # steps submitted ahead
 
     def __init__(self, actors):
         self.actors = actors
@@ -86,11 +87,11 @@ class DirectEngine:
         nodes = [w["node_id"] for w in get([a.where.remote() for a in workers + servers])]
         near = [[nodes[len(workers) + i] == nodes[k] for k in range(len(workers))] for i in range(len(servers))]
         secret = secrets.token_bytes(32)
-        addresses = get([s.listen.remote(any(near[i])) for i, s in enumerate(servers)])
+        endpoints = get([s.listen.remote(any(near[i])) for i, s in enumerate(servers)])
         accepted = [s.accept.remote(len(workers), secret, CONNECT_S) for s in servers]
-        paths = get([w.connect.remote(addresses, secret, CONNECT_S, [row[k] for row in near]) for k, w in enumerate(workers)] + accepted)
+        paths = get([w.connect.remote(endpoints, secret, CONNECT_S, [row[k] for row in near]) for k, w in enumerate(workers)] + accepted)
         get([
-            s.attach.remote([p if near[i][k] and addresses[i][2] else None for k, p in enumerate(paths[: len(workers)])], a, b)
+            s.attach.remote([p if near[i][k] and endpoints[i].segment else None for k, p in enumerate(paths[: len(workers)])], a, b)
             for i, (s, (a, b)) in enumerate(zip(servers, self.actors.slices))
         ])
         get([w.seal_segment.remote() for w in workers])  # mapped by all: no process may open one now
@@ -125,8 +126,9 @@ class DirectEngine:
                 pass
 
     def window(self, step_sec):
-        """Steps in the next window: about WINDOW_S of steps, at least 1."""
-        return max(1, min(MAX_WINDOW, int(WINDOW_S / step_sec))) if step_sec else 8
+        """Steps in the next window: about WINDOW_S of steps, at least 1 (FIRST_WINDOW before
+        a step time is known)."""
+        return max(1, min(MAX_WINDOW, int(WINDOW_S / step_sec))) if step_sec else FIRST_WINDOW
 
     def close(self):
         """Close every link (from each actor's control thread, so a blocked serve wakes up)."""

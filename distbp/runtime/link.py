@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from distbp.runtime.messages import DELTAS, Order, Sums
+from distbp.runtime.messages import Order, Sums, stats_size
 
 ORDER = struct.Struct("<qd??q")  # step (0 = end of window), lr, evaluate, keep, rows
 HELLO = struct.Struct("<q32s")  # worker rank, the run's secret
@@ -227,7 +227,7 @@ def unpack_order(data):
 
 
 def sums_size(num_layers):
-    return 8 * (1 + 2 * (DELTAS + num_layers))
+    return 8 * (1 + 2 * stats_size(num_layers))
 
 
 def pack_sums(sums):

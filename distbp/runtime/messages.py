@@ -4,7 +4,7 @@ One step: the driver sends an `Order`; the parameter actors publish their weight
 worker returns one gradient slice per parameter actor and its `Sums`; each parameter actor adds
 the slices in worker-rank order, steps, and returns a `StepInfo`. Around the steps: a worker
 that has read its rows returns a `ShardSummary`, and a parameter actor's state for a checkpoint
-is a `Snapshot`. All are small named tuples of plain numbers, dicts and numpy arrays, so they
+is a `Snapshot`; the direct engine's links start at a parameter actor's `Endpoint`. All are small named tuples of plain numbers, dicts and numpy arrays, so they
 pickle cheaply on any transport.
 """
 
@@ -12,17 +12,39 @@ from typing import NamedTuple
 
 import numpy as np
 
-# A stats vector (float64): sums over rows that add across workers.
-LOSS, COUNT, CORRECT, SECONDS = 0, 1, 2, 3
-DELTAS = 4  # then one sum of |d_l| per layer, l = 1..L
+# A stats vector (float64): sums over rows that add across workers. Its layout is read only
+# here: elsewhere through stats_vector, rows_of, loss_sum_of, delta_means and figures.
+_LOSS, _COUNT, _CORRECT, _SECONDS = 0, 1, 2, 3
+_DELTAS = 4  # then one sum of |d_l| per layer, l = 1..L
 
 
 def stats_vector(loss_sum, count, correct, seconds, delta_abs):
-    """(DELTAS + L,) float64: the layout above."""
-    out = np.empty(DELTAS + len(delta_abs))
-    out[:DELTAS] = loss_sum, count, correct, seconds
-    out[DELTAS:] = delta_abs
+    """(stats_size(L),) float64: the loss sum, row count, correct count, seconds, then the
+    sum of |d_l| per layer."""
+    out = np.empty(stats_size(len(delta_abs)))
+    out[:_DELTAS] = loss_sum, count, correct, seconds
+    out[_DELTAS:] = delta_abs
     return out
+
+
+def stats_size(num_layers):
+    """The length of a stats vector of a network of `num_layers` layers."""
+    return _DELTAS + num_layers
+
+
+def rows_of(stats):
+    """The rows a stats vector covers."""
+    return stats[_COUNT]
+
+
+def loss_sum_of(stats):
+    """The loss summed over the rows a stats vector covers."""
+    return stats[_LOSS]
+
+
+def delta_means(stats, widths):
+    """Per layer, the mean |d_l| over rows and units: the sum / (rows x the layer's width)."""
+    return [float(total / (stats[_COUNT] * width)) for total, width in zip(stats[_DELTAS:], widths)]
 
 
 class Order(NamedTuple):
@@ -65,6 +87,14 @@ class ShardSummary(NamedTuple):
     blas: dict  # what its bits depend on: blas.describe(), with rank and node
 
 
+class Endpoint(NamedTuple):
+    """Where a parameter actor takes its workers' links (the direct engine)."""
+
+    host: str
+    port: int
+    segment: str | None  # its weights' shared-memory segment, for a worker on its node; else None
+
+
 class Snapshot(NamedTuple):
     """A parameter actor's state for a checkpoint (its slice), or all of them joined."""
 
@@ -77,7 +107,7 @@ def add_sums(sums):
     """(train, val, slowest) of the workers' Sums, added in rank order."""
     train = np.sum([s.train for s in sums], axis=0)
     vals = [s.val for s in sums if s.val is not None]
-    return train, (np.sum(vals, axis=0) if vals else None), max(s.train[SECONDS] for s in sums)
+    return train, (np.sum(vals, axis=0) if vals else None), max(s.train[_SECONDS] for s in sums)
 
 
 def figures(stats, task, targets, sst=None, prefix=""):
@@ -85,14 +115,14 @@ def figures(stats, task, targets, sst=None, prefix=""):
     (classification), or the RMSE over every target value and R^2 = 1 - SSE / SST
     (regression; R^2 when `sst`, the targets' total sum of squares, is known). The mse loss
     is half the squared error, so SSE = 2 * loss sum."""
-    n = stats[COUNT]
-    out = {f"{prefix}loss": float(stats[LOSS] / n)}
+    n = stats[_COUNT]
+    out = {f"{prefix}loss": float(stats[_LOSS] / n)}
     if task == "classification":
-        out[f"{prefix}accuracy"] = float(stats[CORRECT] / n)
+        out[f"{prefix}accuracy"] = float(stats[_CORRECT] / n)
     else:
-        out[f"{prefix}rmse"] = float(np.sqrt(2 * stats[LOSS] / (n * targets)))
+        out[f"{prefix}rmse"] = float(np.sqrt(2 * stats[_LOSS] / (n * targets)))
         if sst:
-            out[f"{prefix}r2"] = float(1 - 2 * stats[LOSS] / sst)
+            out[f"{prefix}r2"] = float(1 - 2 * stats[_LOSS] / sst)
     return out
 
 

@@ -10,11 +10,31 @@ import numpy as np
 from distbp.backprop import optim
 from distbp.errors import TrainingError
 from distbp.runtime import link, shm
-from distbp.runtime.messages import COUNT, LOSS, Snapshot, StepInfo, add_sums
+from distbp.runtime.messages import Endpoint, Snapshot, StepInfo, add_sums, loss_sum_of, rows_of
 from distbp.text import count
 
 RECENT = 512  # StepInfos kept for the driver to read after a failure: more than a window
 RECV_BUDGET = 512 << 20  # bytes of per-worker gradient buffers a parameter actor may hold (see run)
+
+def rank_order_sum(grads, out):
+    """out = grads[0] + grads[1] + ..., added in this order (worker rank, never arrival):
+    the one reduce of both engines, so that their bits are the same. `grads` may be an
+    iterator whose slices arrive one by one (a buffer may be reused once it was added); the
+    first may be `out` itself. g_0 + g_1 is one pass, the same bits as copying g_0 and adding g_1."""
+    first = None
+    for k, g in enumerate(grads):
+        if k == 0:
+            first = g
+        elif k == 1:
+            np.add(first, g, out=out)
+        else:
+            out += g
+    if first is None:
+        raise ValueError("no gradient to add")
+    if k == 0 and first is not out:
+        np.copyto(out, first)
+    return out
+
 
 class ParameterServer:
     def __init__(self, params, optimizer, opt_state=None, layer_bounds=(), step=0, best_params=None, num_layers=1):
@@ -64,28 +84,26 @@ class ParameterServer:
         worker-rank order (never arrival order) and divided once by the row count. Returns
         (buffer it writes into, the added Sums as (train, val, slowest))."""
         grads, sums = parts[:num_workers], parts[num_workers:]
-        np.copyto(self.grad, grads[0])
-        for g in grads[1:]:  # fixed order: bit-reproducible
-            self.grad += g
+        rank_order_sum(grads, self.grad)
         return self._mean(sums, order)
 
     def _mean(self, sums, order):
         """self.grad holds the rank-order sum of the slices: check it, divide by the row count."""
         totals = add_sums(sums)
         step = None if order is None else order.step
-        if order is not None and order.rows and totals[0][COUNT] != order.rows:
+        if order is not None and order.rows and rows_of(totals[0]) != order.rows:
             # the shards must partition the step's rows: a gap or an overlap (after a
             # resharding, say) would divide the wrong sum by the wrong count
             raise TrainingError(
-                f"step {step}: the gradients of {count(len(sums), 'worker')} cover {count(int(totals[0][COUNT]), 'row')}, the step has {order.rows}",
+                f"step {step}: the gradients of {count(len(sums), 'worker')} cover {count(int(rows_of(totals[0])), 'row')}, the step has {order.rows}",
                 hint="the shards no longer partition the training rows (a bug); the step was not applied, continue with --resume",
             )
-        if not np.isfinite(totals[0][LOSS]) or not np.isfinite(self.grad).all():
+        if not np.isfinite(loss_sum_of(totals[0])) or not np.isfinite(self.grad).all():
             raise TrainingError(
                 f"training diverged at step {step}: the loss or gradient is NaN or inf",
                 hint="lower train.optimizer.lr",
             )
-        self.grad /= totals[0][COUNT]
+        self.grad /= rows_of(totals[0])
         return self.grad, totals
 
     def apply(self, order, num_workers, *parts):
@@ -133,7 +151,7 @@ class ParameterServer:
     def listen(self, share):
         """Open a port on this node's Ray address for the workers' links. With `share` (a
         worker on this node), the weights move into a shared-memory segment that such workers
-        map. Returns (host, port, the segment's path or None)."""
+        map. Returns its Endpoint."""
         import ray
 
         self.disconnect()
@@ -143,7 +161,7 @@ class ParameterServer:
             self.segment = shm.Segment(len(self.w), self.w.dtype)
             np.copyto(self.segment.array, self.w)
             self.w = self.segment.array  # updated in place from now on, where the workers read it
-        return host, port, self.segment and self.segment.path
+        return Endpoint(host, port, self.segment and self.segment.path)
 
     def accept(self, num_workers, secret, timeout_s):
         self.links = link.accept(self.server_socket, num_workers, secret, timeout_s)
@@ -200,9 +218,7 @@ class ParameterServer:
         incoming = [[view] if shared is not None else [link.as_bytes(buf), view]
                     for shared, buf, view in zip(self.peer_grads, self.recv_bufs, raw)]
         link.exchange(sends=zip(self.links, heads), recvs=zip(self.links, incoming))
-        np.add(grads[0], grads[1], out=self.grad)  # fixed order: bit-reproducible (two or more links here)
-        for g in grads[2:]:
-            self.grad += g
+        rank_order_sum(grads, self.grad)
         return [link.unpack_sums(bytes(r)) for r in raw]
 
     def _one_by_one(self, head, weights):
@@ -212,20 +228,17 @@ class ParameterServer:
                 link.send(conn, head, weights)
             else:
                 link.send(conn, head)
-        sums, first = [], None
-        for k, (conn, shared) in enumerate(zip(self.links, self.peer_grads)):  # fixed order: bit-reproducible
-            if shared is None:  # through the socket: the first straight into the sum buffer
-                shared = self.grad if k == 0 else self.recv_buf
-                link.recv_into(conn, link.as_bytes(shared))
-            sums.append(link.unpack_sums(link.recv_exact(conn, self.sums_size)))
-            if k == 0:
-                first = shared
-            elif k == 1:  # g = g_0 + g_1 in one pass, the same bits as copying g_0 and adding g_1
-                np.add(first, shared, out=self.grad)
-            else:
-                self.grad += shared
-        if len(self.links) == 1 and first is not self.grad:
-            np.copyto(self.grad, first)
+        sums = []
+
+        def arriving():  # each worker's slice in rank order, read once the one before is added
+            for k, (conn, shared) in enumerate(zip(self.links, self.peer_grads)):
+                if shared is None:  # through the socket: the first straight into the sum buffer
+                    shared = self.grad if k == 0 else self.recv_buf
+                    link.recv_into(conn, link.as_bytes(shared))
+                sums.append(link.unpack_sums(link.recv_exact(conn, self.sums_size)))
+                yield shared
+
+        rank_order_sum(arriving(), self.grad)
         return sums
 
     def disconnect(self):

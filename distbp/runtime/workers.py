@@ -219,17 +219,17 @@ class ShardWorker:
         return Sums(*out)
 
     # -- the direct engine ---------------------------------------------------------------
-    def connect(self, addresses, secret, timeout_s, same_node):
-        """Open this worker's link to each parameter actor ((host, port, weights segment or
-        None) in slice order). With an actor on this node (same_node[i]) its weights are read
+    def connect(self, endpoints, secret, timeout_s, same_node):
+        """Open this worker's link to each parameter actor (their Endpoints, in slice order).
+        With an actor on this node (same_node[i]) its weights are read
         from its shared-memory segment, and this worker's gradient is written to a segment of
         its own, whose path it returns (else None)."""
         self.disconnect()
         spec = self.plan.spec
-        self.links = [link.connect(address[:2], self.plan.rank, secret, timeout_s) for address in addresses]
+        self.links = [link.connect((e.host, e.port), self.plan.rank, secret, timeout_s) for e in endpoints]
         self.shared_w = [
             shm.attach(path, b - a, spec.np_dtype) if near and path else None
-            for (_, _, path), near, (a, b) in zip(addresses, same_node, self.slices)
+            for path, near, (a, b) in zip((e.segment for e in endpoints), same_node, self.slices)
         ]
         if any(w is not None for w in self.shared_w):
             self.grad_segment = shm.Segment(spec.num_params, spec.np_dtype)
