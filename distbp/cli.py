@@ -11,6 +11,7 @@ import click
 from distbp.bench import WORKLOADS
 from distbp.data.datasets import KINDS
 from distbp.errors import DistbpError, UsageError
+from distbp.run.checkpoint import WriteFailed
 from distbp.runtime.engine import ENGINES
 from distbp.text import count
 
@@ -29,6 +30,11 @@ def one_line_errors(fn):
         except KeyboardInterrupt:
             click.echo("stopped: interrupted", err=True)
             sys.exit(130)
+        except WriteFailed as err:  # a full disk, no permission: the file, and what the system said
+            if DEBUG:
+                raise
+            click.echo(f"error: cannot write {err.filename}: {err.strerror} (a file already there is kept as it was)", err=True)
+            sys.exit(1)
         except Exception as err:  # a bug: still one line, with a way to see more
             if DEBUG:
                 raise

@@ -268,3 +268,22 @@ def test_force_replaces_a_run_but_keeps_what_distbp_did_not_write(ray_session, m
     assert checkpoint.list_steps(str(out / "checkpoints")) == [3]  # the old run's checkpoints are gone
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # its event files too: only the new run's
     assert {p: p.read_bytes() for p in kept} == kept  # the other tool's files stay
+
+
+@pytest.mark.parametrize("command", ["export", "plot"])
+def test_a_file_that_cannot_be_written_is_named_in_one_line(tmp_path, monkeypatch, command):
+    """/proc takes no new file, even as root: the write fails where a full disk would."""
+    from distbp.backprop import nn
+    from distbp.run.model import Model
+
+    monkeypatch.chdir(tmp_path)
+    spec = nn.Spec([2, 3], (), "softmax", "cross_entropy", "xavier", "float32")
+    Model(spec, nn.init_params(spec, np.random.default_rng(0)), "classification", ["x0", "x1"], ["label"], [0, 1, 2]).save("model.npz")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("step,loss,seconds,lr\n1,0.7,0.01,0.1\n2,0.5,0.02,0.1\n")
+    target = "/proc/distbp-test.onnx" if command == "export" else "/proc/distbp-test.png"
+    args = ["export", "model.npz", "-o", target] if command == "export" else ["plot", "run", "-o", target]
+    result = CliRunner().invoke(main, args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: cannot write {target}: ") and lines[0].endswith("(a file already there is kept as it was)"), lines

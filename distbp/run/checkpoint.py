@@ -52,11 +52,20 @@ def atomic_savez(path, arrays, during=lambda: None):
     atomic_write(path, write)
 
 
+class WriteFailed(OSError):
+    """An atomic write that failed (a full disk, no permission): `filename` is the file asked
+    for, whose earlier version, if any, is kept as it was; no temporary file is left."""
+
+
 def atomic_write(path, write):
     """`write(binary file)` into a temporary file in `path`'s folder, fsync, then rename it
-    over `path`: a reader sees the old file or the new one, never half of one."""
+    over `path`: a reader sees the old file or the new one, never half of one. An OSError
+    (a full disk, no permission) names `path`, and leaves no temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    except OSError as err:  # named by the file asked for, not the temporary one
+        raise WriteFailed(err.errno, err.strerror, path) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -66,6 +75,10 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise WriteFailed(err.errno, err.strerror, path) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
