@@ -281,7 +281,7 @@ def bench(job_file, workloads, max_workers, steps, warmup, parameter_servers, as
         click.echo(f"chart: {bench_mod.chart(reports, chart_path)}", err=True)
 
 
-@main.group("data")
+@main.group("data", short_help="Make a synthetic data set, or convert a table.")
 def data_group():
     """Make synthetic data sets; convert a table to Parquet, CSV or Feather."""
 
