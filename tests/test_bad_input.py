@@ -466,3 +466,10 @@ def test_fuzzed_job_files_give_a_job_or_one_line_exit_2(small_parquet, drawn):
         else:  # then the data check: fine, or a bad column or width
             assert result.exit_code in (0, 2), result.output
             assert lines[0].startswith("ok: " if result.exit_code == 0 else "error: "), lines
+
+
+def test_early_stopping_without_a_validation_row_is_refused_by_the_run_and_the_dry_run(bench):
+    held = rowmath.validation_mask(0, ROWS, 0.001, 3).sum()
+    assert held == 0  # a fraction so small that no row of 60 is held out
+    job = bench.job(data={"validation": 0.001}, train={"early_stopping": {"patience": 2}})
+    bench.refused_also_dry(job, "train.early_stopping", "needs validation rows")

@@ -110,7 +110,7 @@ def scan(job, prep):
     """--dry-run's look at the values: read every row once, block by block (Parquet row groups,
     Feather batches, CSV blocks) without Ray, and make the checks the workers' summaries get
     (`merge_summaries`: NaN or inf values, the classes against the output width, the rows
-    left). Returns (the rows on_nan: drop skips, merge_summaries' result)."""
+    left; validation rows for early stopping). Returns (the rows on_nan: drop skips, merge_summaries' result)."""
     fraction = job.data.validation if isinstance(job.data.validation, float) else None
     columns, dtype = [*prep.features, *prep.labels], prep.spec.np_dtype
     counts = []
@@ -123,7 +123,9 @@ def scan(job, prep):
                 held = rowmath.validation_mask(start, start + len(x), fraction, job.seed)
                 parts = {"train": (table.filter(~held), x[~held]), "val": (table.filter(held), x[held])}
             counts.append(count_rows(parts, job.data.task, prep.labels, job.data.on_nan, val_file)[0])
-    return sum(c.dropped for c in counts), merge_summaries(job, prep, counts)
+    merged = merge_summaries(job, prep, counts)
+    check_validation_rows(job, any(c.rows.get("val", 0) for c in counts))
+    return sum(c.dropped for c in counts), merged
 
 
 def merge_summaries(job, prep, summaries):
