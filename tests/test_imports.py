@@ -35,6 +35,7 @@ RUNTIME = {  # what a fresh interpreter must not have loaded after importing the
     "distbp.runtime.messages": HEAVY, "distbp.run.stopping": HEAVY,
     "distbp.runtime.workers": ("ray", "click"), "distbp.runtime.server": ("ray", "click"),
     "distbp.trainer": ("click",), "distbp.runtime.engine": ("ray", "pyarrow", "click"),
+    "distbp.runtime.direct": ("ray", "pyarrow", "click"),
 }
 
 

@@ -167,7 +167,7 @@ def test_the_one_reduce_adds_in_rank_order_whatever_feeds_it(k):
     """Both engines' sum: a list, an iterator that reuses one buffer, or a first slice that is
     the output itself give the bits of the plain left-to-right sum, which differ from another
     order's (float addition does not associate)."""
-    from distbp.runtime.server import rank_order_sum
+    from distbp.runtime.messages import rank_order_sum
 
     rng = np.random.default_rng(k)
     grads = [(rng.standard_normal(1000) * 10.0 ** rng.integers(-3, 4, 1000)).astype(np.float32) for _ in range(k)]

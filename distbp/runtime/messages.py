@@ -134,3 +134,23 @@ def layer_norms(infos, bounds, num_layers):
         for (l, _, _), sq in zip(layers, info.squares):
             squares[l] += sq
     return np.sqrt(squares)
+
+
+def rank_order_sum(grads, out):
+    """out = grads[0] + grads[1] + ..., added in this order (worker rank, never arrival):
+    the one reduce of both engines, so that their bits are the same. `grads` may be an
+    iterator whose slices arrive one by one (a buffer may be reused once it was added); the
+    first may be `out` itself. g_0 + g_1 is one pass, the same bits as copying g_0 and adding g_1."""
+    first = None
+    for k, g in enumerate(grads):
+        if k == 0:
+            first = g
+        elif k == 1:
+            np.add(first, g, out=out)
+        else:
+            out += g
+    if first is None:
+        raise ValueError("no gradient to add")
+    if k == 0 and first is not out:
+        np.copyto(out, first)
+    return out

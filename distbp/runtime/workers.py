@@ -13,7 +13,8 @@ from distbp import faults
 from distbp.backprop import nn
 from distbp.data import checks, rowmath, sampling, tables
 from distbp.errors import UsageError
-from distbp.runtime import blas, link, shm
+from distbp.runtime import blas
+from distbp.runtime.direct import DirectWorker
 from distbp.runtime.messages import ShardSummary, Sums, stats_vector
 
 
@@ -41,7 +42,7 @@ class ShardPlan:
     blas_kernel: str = "auto"  # cluster.blas_kernel: the kernel this worker was started with, checked at load
 
 
-class ShardWorker:
+class ShardWorker(DirectWorker):
     """Created with a ShardPlan; `load` reads and summarises the shard, `prepare` encodes it,
     then `step` runs forward and backward over it for each step: called once per step by the
     task engine, or from `serve`, which takes a window of steps over direct links."""
@@ -217,85 +218,3 @@ class ShardWorker:
             loss_sum, correct = nn.evaluate(spec, params, x, y, self.plan.chunk_rows) if len(x) else (0.0, 0)
             out.append(stats_vector(loss_sum, len(x), correct, 0.0, np.zeros(spec.num_layers)))
         return Sums(*out)
-
-    # -- the direct engine ---------------------------------------------------------------
-    def connect(self, endpoints, secret, timeout_s, same_node):
-        """Open this worker's link to each parameter actor (their Endpoints, in slice order).
-        With an actor on this node (same_node[i]) its weights are read
-        from its shared-memory segment, and this worker's gradient is written to a segment of
-        its own, whose path it returns (else None)."""
-        self.disconnect()
-        spec = self.plan.spec
-        self.links = [link.connect((e.host, e.port), self.plan.rank, secret, timeout_s) for e in endpoints]
-        self.shared_w = [
-            shm.attach(path, b - a, spec.np_dtype) if near and path else None
-            for path, near, (a, b) in zip((e.segment for e in endpoints), same_node, self.slices)
-        ]
-        if any(w is not None for w in self.shared_w):
-            self.grad_segment = shm.Segment(spec.num_params, spec.np_dtype)
-            self.grad_out = self.grad_segment.array
-        return self.grad_segment and self.grad_segment.path
-
-    def serve(self):
-        """Run steps as the parameter actors send them, until they end the window. Per step:
-        each actor's order and weight slice in (through its socket, or already in its shared
-        segment), then this shard's gradient slices (through the socket, or written to this
-        worker's segment) and its Sums out. With more than one link, every link moves its bytes
-        at once (link.exchange): no actor waits for another's slice to pass."""
-        links, shared, steps = self.links, self.shared_w, 0
-        zero_copy = len(shared) == 1 and shared[0] is not None
-        try:
-            while links:
-                link.poll(links[0])
-                orders = self._orders_and_weights()
-                if not orders[0].step:  # every parameter actor ends the window together
-                    return steps
-                for (a, b), weights in zip(self.slices, shared):
-                    if weights is not None and not zero_copy:
-                        np.copyto(self.weights[a:b], weights)
-                *grads, sums = self._step(orders[0], shared[0] if zero_copy else self.weights, self.grad_out)
-                payload = link.pack_sums(sums)
-                outgoing = [[payload] if weights is not None else [link.as_bytes(np.ascontiguousarray(grad)), payload] for grad, weights in zip(grads, shared)]
-                if len(links) == 1:
-                    link.send(links[0], *outgoing[0])
-                else:
-                    link.exchange(sends=zip(links, outgoing))
-                if orders[0].evaluate and self.plan.rank == 1:
-                    faults.hit("worker_after_eval", orders[0].step)
-                steps += 1
-            raise link.LinkError("no links to the parameter actors")
-        except BaseException:
-            self.disconnect()
-            raise
-
-    def _orders_and_weights(self):
-        """Each parameter actor's order of the next step, and its weight slice when it comes
-        through the socket (read into place in self.weights)."""
-        heads = [bytearray(link.ORDER.size) for _ in self.links]
-
-        def parts(head, a, b, weights):
-            yield head
-            if weights is None and link.unpack_order(head).step:
-                yield link.as_bytes(self.weights[a:b])
-
-        incoming = [parts(head, a, b, w) for head, (a, b), w in zip(heads, self.slices, self.shared_w)]
-        if len(self.links) == 1:
-            for view in incoming[0]:
-                link.recv_into(self.links[0], memoryview(view).cast("B"))
-        else:
-            link.exchange(recvs=zip(self.links, incoming))
-        return [link.unpack_order(bytes(head)) for head in heads]
-
-    def seal_segment(self):
-        """Every parameter actor has mapped this worker's gradient segment: no other process
-        may open it from now on."""
-        if getattr(self, "grad_segment", None):
-            self.grad_segment.close()
-        return True
-
-    def disconnect(self):
-        link.close(self.links)
-        if getattr(self, "grad_segment", None):
-            self.grad_segment.close()  # the mappings keep it until they end
-        self.links, self.shared_w, self.grad_out, self.grad_segment = [], [], None, None
-        return True
