@@ -37,7 +37,7 @@ def test_a_dataset_trains_like_its_rows_in_parquet(ray_session, rows, tmp_path):
     one = distbp.train(str(job), ray_dataset=ds, output__dir=str(tmp_path / "one"), cluster__workers=1)
     a, b, c, d = map(weights, (from_file, from_ds, again, one))
     for key in a:
-        if key != "spec":
+        if key not in ("spec", "digest"):  # the arrays; the digest is a string of them
             np.testing.assert_allclose(b[key], a[key], rtol=1e-12, atol=1e-14)  # the Parquet route, same workers
             assert np.array_equal(b[key], c[key])  # reruns: bit-identical
             np.testing.assert_allclose(d[key], b[key], rtol=1e-9, atol=1e-12)  # another worker count
