@@ -12,7 +12,7 @@ and the weights come out bit-identical; when the cable is back, nothing is corru
 and a rate-limited link (slow, never taken for dead).
 
 Needs root (namespaces, a bridge, sshd). Marked `launcher`: `.ci/run` runs these as a step of
-their own. Run them alone with `python -m pytest -m launcher`."""
+their own. Run them alone with `python -m pytest -n 0 -m launcher`."""
 
 import csv
 import json
