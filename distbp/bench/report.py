@@ -3,6 +3,8 @@ machine made untrustworthy, the JSON, and the chart."""
 
 import json
 
+from distbp.errors import UsageError
+
 def ms(seconds):
     """Milliseconds in plain digits, about 3 significant ones, never in scientific notation."""
     if seconds is None:
@@ -98,8 +100,6 @@ def chart(reports, path):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        from distbp.errors import UsageError
-
         raise UsageError("matplotlib is not installed", hint="distbp needs it for plots: pip install 'matplotlib>=3.7,<4'") from None
     fig = Figure(figsize=(4.2 * len(reports), 3.6), layout="constrained")
     for ax, report in zip(fig.subplots(1, len(reports), squeeze=False)[0], reports):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from distbp.data.tables import read_plan
 from distbp.errors import DataError
 
 LABEL = "<ray dataset>"
@@ -35,8 +36,6 @@ class BlockSource:
     def read_rows(self, start, stop, columns=None):
         """Rows [start, stop), fetched from the blocks that overlap them."""
         import ray
-
-        from distbp.data.tables import read_plan
 
         columns, target = read_plan(self, start, stop, columns)
         wanted, first = [], 0

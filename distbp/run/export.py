@@ -13,9 +13,15 @@ Uses the `onnx` package (the `onnx` extra); opset 17, IR version 8, so any ONNX 
 1.14 on runs it.
 """
 
+import os
+
 import numpy as np
 
+from distbp.backprop.activations import ACTIVATIONS
+from distbp.backprop.nn import views
 from distbp.errors import UsageError
+from distbp.run.checkpoint import atomic_write
+from distbp.run.model import load_model
 
 OPSET = 17
 IR_VERSION = 8
@@ -34,9 +40,6 @@ def to_onnx(model):
     """The ModelProto of a distbp Model (see the module docstring)."""
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
-
-    from distbp.backprop.activations import ACTIVATIONS
-    from distbp.backprop.nn import views
 
     spec, dtype = model.spec, model.spec.np_dtype
     elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.DOUBLE
@@ -101,11 +104,6 @@ def to_onnx(model):
 
 def export(model_path, out_path):
     """Write the ONNX file of a model.npz (atomically); returns the Model."""
-    import os
-
-    from distbp.run.checkpoint import atomic_write
-    from distbp.run.model import load_model
-
     model = load_model(model_path)
     if not str(out_path).endswith(".onnx"):
         raise UsageError(f"-o {out_path}: expected a file name ending in .onnx")
