@@ -10,8 +10,7 @@ import click
 
 from distbp.bench import WORKLOADS
 from distbp.data.datasets import KINDS
-from distbp.errors import DistbpError, UsageError
-from distbp.run.checkpoint import WriteFailed
+from distbp.errors import DistbpError, UsageError, WriteFailed
 from distbp.runtime.engine import ENGINES
 from distbp.text import count
 

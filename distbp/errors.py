@@ -37,3 +37,9 @@ class TrainingError(DistbpError):
 
 class ConnectError(DistbpError):
     """Joining an existing Ray cluster failed."""
+
+
+class WriteFailed(OSError):
+    """A file that could not be written (a full disk, no permission): `filename` is the file
+    asked for, whose earlier version, if any, is kept as it was; no temporary file is left.
+    The command line prints it in one line and exits 1."""

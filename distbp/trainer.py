@@ -362,7 +362,12 @@ class Trainer:
     def _model_only(self, ckpt):
         """--resume of a run whose final checkpoint was written but not its model.npz:
         write model.npz (and its figures) from the checkpoint, training nothing."""
-        row = self.outputs.metrics.last_row or {"step": ckpt.step, "seconds": self.outputs.metrics.last_seconds}
+        row = {"step": ckpt.step, "seconds": self.outputs.metrics.last_seconds}
+        for name, text in (self.outputs.metrics.last_row or {}).items():  # its numbers, as the run recorded them
+            try:
+                row[name] = int(text) if name in ("step", "workers") else float(text)
+            except (TypeError, ValueError):  # an empty or edited cell: left out
+                pass
         self.last = Recorded(ckpt.step, row)
         return self._finish(ckpt.step, row, early=ckpt.step != self.actors.total_steps)
 

@@ -473,3 +473,9 @@ def test_early_stopping_without_a_validation_row_is_refused_by_the_run_and_the_d
     assert held == 0  # a fraction so small that no row of 60 is held out
     job = bench.job(data={"validation": 0.001}, train={"early_stopping": {"patience": 2}})
     bench.refused_also_dry(job, "train.early_stopping", "needs validation rows")
+
+
+def test_dry_run_reads_a_validation_file_as_the_run_does(bench):
+    good = bench.table(spirals_table(), "val.parquet")
+    result = bench.run(bench.job(data={"validation": str(good)}), "--dry-run")
+    assert result.exit_code == 0 and result.output.startswith("ok: "), result.output

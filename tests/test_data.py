@@ -525,7 +525,7 @@ def test_write_table_is_atomic_and_checks_extension(tmp_path):
     tables.write_table(sample_table(5), str(path))
     before = path.read_bytes()
     nested = pa.table({"a": pa.array([[1, 2]], pa.list_(pa.int64()))})  # CSV cannot hold lists
-    with pytest.raises(pa.ArrowException):
+    with pytest.raises(DataError, match="cannot write .*t.csv as csv: Unsupported Type"):
         tables.write_table(nested, str(path))
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["t.csv"]
     message = one_line_error(tables.write_table, sample_table(5), str(tmp_path / "t.xlsx"))
@@ -595,3 +595,23 @@ def test_data_convert_refuses_in_one_line_and_writes_nothing(tmp_path, monkeypat
     result = CliRunner().invoke(main, ["data", "convert", *args])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [line], result.output
     assert sorted(os.listdir(tmp_path)) == before and (tmp_path / "d.csv").read_text() == "x0,label\n1.5,a\n"
+
+
+def test_data_convert_to_csv_refuses_a_column_csv_cannot_hold(tmp_path):
+    from click.testing import CliRunner
+
+    from distbp.cli import main
+
+    pq.write_table(pa.table({"x0": [1.0, 2.0], "l": [[1, 2], [3]]}), tmp_path / "nested.parquet")
+    result = CliRunner().invoke(main, ["data", "convert", str(tmp_path / "nested.parquet"), "-o", str(tmp_path / "n.csv")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: cannot write {tmp_path / 'n.csv'} as csv: "), result.output
+    assert sorted(os.listdir(tmp_path)) == ["nested.parquet"]
+
+
+def test_streamed_parquet_groups_are_whole_from_many_tiny_blocks():
+    blocks = [pa.table({"x": np.arange(i, i + 1, dtype=np.int64)}) for i in range(2000)]
+    groups = list(tables._regrouped(iter(blocks), 512))
+    assert [g.num_rows for g in groups] == [512, 512, 512, 464]
+    assert all(g.column("x").num_chunks == 1 for g in groups)  # joined once, not block by block
+    assert np.array_equal(np.concatenate([g.column("x").to_numpy() for g in groups]), np.arange(2000))

@@ -140,7 +140,7 @@ def merge_summaries(job, prep, summaries):
                 f"{path}: NaN or inf values in column {', '.join(bad)}",
                 hint="clean the data or set data.on_nan: drop to skip those rows",
             )
-    n_train = sum(s.rows["train"] for s in summaries)
+    n_train = sum(s.rows.get("train", 0) for s in summaries)  # a validation file's blocks have none
     if n_train < job.cluster.workers:
         raise job_error(job, "cluster.workers", f"more workers ({job.cluster.workers}) than training rows ({n_train})")
     classes = sorted(set().union(*(s.labels for s in summaries)), key=lambda c: (str(type(c)), c))

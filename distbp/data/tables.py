@@ -14,6 +14,7 @@ import fnmatch
 import glob
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
@@ -26,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from distbp.errors import DataError
+from distbp.errors import DataError, WriteFailed
 
 FORMATS = ("parquet", "csv", "feather")
 EXTENSIONS = {
@@ -355,8 +356,6 @@ def _write_csv(table: pa.Table, sink, header: bool = True) -> None:
     import csv
     import io
 
-    import pyarrow.compute as pc
-
     def lines(rows):
         out = io.StringIO()
         csv.writer(out, lineterminator="\n").writerows(rows)
@@ -368,7 +367,10 @@ def _write_csv(table: pa.Table, sink, header: bool = True) -> None:
     if not any(pc.any(pc.match_substring_regex(c, _STRUCTURAL)).as_py() for c in strings):
         pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False, quoting_style="none"))
         return
-    for batch in table.to_batches(max_chunksize=65536):
+    # every column as Arrow formats it (as pyarrow's writer does), so that a file streamed in
+    # blocks reads the same whichever writer each block took
+    as_text = [c if pa.types.is_string(c.type) or pa.types.is_large_string(c.type) else pc.cast(c, pa.string()) for c in table.columns]
+    for batch in pa.table(as_text, names=table.column_names).to_batches(max_chunksize=65536):
         sink.write(lines(zip(*(column.to_pylist() for column in batch.columns))))
 
 
@@ -379,21 +381,29 @@ def write_table(table: pa.Table, path: str, row_group_size: int = 65536) -> None
 
 
 def _regrouped(blocks, rows: int):
-    """The rows of the tables `blocks`, in tables of exactly `rows` rows (the last may hold fewer)."""
-    pending = None
+    """The rows of the tables `blocks`, in tables of exactly `rows` rows (the last may hold fewer),
+    each joined once from the pieces that make it."""
+    pending, held = [], 0
     for block in blocks:
-        pending = block if pending is None else pa.concat_tables([pending, block])
-        while pending.num_rows >= rows:
-            yield pending.slice(0, rows)
-            pending = pending.slice(rows)
-    if pending is not None and pending.num_rows:
-        yield pending
+        while block.num_rows:
+            take = min(rows - held, block.num_rows)
+            pending.append(block.slice(0, take))
+            held += take
+            block = block.slice(take)
+            if held == rows:
+                yield pa.concat_tables(pending).combine_chunks()
+                pending, held = [], 0
+    if held:
+        yield pa.concat_tables(pending).combine_chunks()
 
 
 def write_blocks(blocks, schema: pa.Schema, path: str, row_group_size: int = 65536) -> None:
     """Write the tables `blocks` (each of `schema`), one after the other, as one table: as
-    `write_table` does, streaming, so the whole table is never held at once. A write that
-    fails (a full disk) leaves no file and is a DataError naming `path`."""
+    `write_table` does, streaming, so the whole table is never held at once. The file appears
+    only once complete: locally by a rename, on object storage by one upload of a finished
+    local file. A path that cannot take a file, or a table the format cannot hold, is a
+    DataError naming `path`; a write that fails on the way (a full disk) is WriteFailed; either
+    way nothing is left at `path` but what was there before."""
     path = _local(str(path))
     format = _format_of(path)
     if format is None or path.lower().endswith((".gz", ".bz2", ".zst")):
@@ -416,11 +426,16 @@ def write_blocks(blocks, schema: pa.Schema, path: str, row_group_size: int = 655
     if _is_uri(path):
         try:
             fs, inner = pafs.FileSystem.from_uri(path)
-            sink = fs.open_output_stream(inner)
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"cannot write {path}: {_first_line(err)}") from None
-        with sink:
-            write(sink)
+        with tempfile.TemporaryDirectory(prefix="distbp-") as staging:
+            local = os.path.join(staging, os.path.basename(inner) or "table")
+            write_blocks(blocks, schema, local, row_group_size)  # complete before anything is uploaded
+            try:
+                with open(local, "rb") as src, fs.open_output_stream(inner) as dst:
+                    shutil.copyfileobj(src, dst, length=8 << 20)
+            except (pa.ArrowException, OSError) as err:
+                raise WriteFailed(getattr(err, "errno", None), _first_line(err), path) from None
         return
     if os.path.isdir(path):
         raise DataError(f"cannot write {path}: it is a folder", "name a file")
@@ -438,7 +453,10 @@ def write_blocks(blocks, schema: pa.Schema, path: str, row_group_size: int = 655
         os.replace(tmp, path)
     except OSError as err:
         os.unlink(tmp)
-        raise DataError(f"cannot write {path}: {err.strerror or _first_line(err)}", "nothing was written") from None
+        raise WriteFailed(err.errno, err.strerror or _first_line(err), path) from None
+    except pa.ArrowException as err:  # a type the format cannot hold (a list column in CSV)
+        os.unlink(tmp)
+        raise DataError(f"cannot write {path} as {format}: {_first_line(err)}") from None
     except BaseException:
         os.unlink(tmp)
         raise

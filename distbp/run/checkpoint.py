@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distbp import faults
-from distbp.errors import UsageError
+from distbp.errors import UsageError, WriteFailed
 
 _NAME = re.compile(r"^step-(\d{9})\.npz$")
 
@@ -35,7 +35,7 @@ def digest(arrays):
 
 def changed(arrays):
     """Whether `arrays` carry a digest that they no longer match: the file was changed after
-    distbp wrote it. Files without one (written before distbp 0.3) are taken as they are."""
+    distbp wrote it. Files without one (written before digests were added) are taken as they are."""
     return DIGEST in arrays and str(arrays[DIGEST]) != digest(arrays)
 
 
@@ -50,11 +50,6 @@ def atomic_savez(path, arrays, during=lambda: None):
         np.savez(f, **arrays)
 
     atomic_write(path, write)
-
-
-class WriteFailed(OSError):
-    """An atomic write that failed (a full disk, no permission): `filename` is the file asked
-    for, whose earlier version, if any, is kept as it was; no temporary file is left."""
 
 
 def atomic_write(path, write):
@@ -152,7 +147,7 @@ def load(path):
         )
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as err:
         raise UsageError(f"{path}: damaged checkpoint ({type(err).__name__})") from None
-    for name in ["params", "best_params"] + [k for k in z if k.startswith(OPT)]:
+    for name in ("params", "best_params"):  # (Adam's float32 second moment may overflow to inf in a healthy run)
         if z.get(name) is not None and z[name].dtype.kind == "f" and not np.isfinite(z[name]).all():
             raise UsageError(f"{path}: damaged checkpoint ({name} holds NaN or infinite values; distbp never checkpoints a diverged step)")
     if changed(z):

@@ -12,7 +12,7 @@ import numpy as np
 
 from distbp import faults
 from distbp.data.job import job_hash, job_to_dict
-from distbp.errors import TrainingError, UsageError
+from distbp.errors import TrainingError, UsageError, WriteFailed
 from distbp.run import checkpoint, rundir
 from distbp.runtime import blas
 from distbp.runtime.messages import delta_means, figures, layer_norms, rows_of
@@ -76,6 +76,7 @@ class RunOutputs:
         self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
         self.metrics = None
         self.tb = None  # output.tensorboard: a tensorboardX SummaryWriter on tb/
+        self.plotter, self.plot_path = None, None  # the thread that draws plot.png, and where it is
         if job.output.tensorboard:
             try:
                 import tensorboardX  # noqa: F401 (now, before anything is written)
@@ -286,10 +287,9 @@ class RunOutputs:
 
     def plot_done(self):
         """Where plot.png is once drawn (None without matplotlib or before `finish`)."""
-        plotter = getattr(self, "plotter", None)
-        if plotter is None:
+        if self.plotter is None:
             return None
-        plotter.join()
+        self.plotter.join()
         return self.plot_path
 
     def _plot(self):
@@ -302,7 +302,9 @@ class RunOutputs:
             return plot_run(self.out_dir)
         except UsageError as err:
             self.log(f"warning: no plot: {err}")
-            return None
+        except WriteFailed as err:  # a full disk: the model and checkpoints are written already
+            self.log(f"warning: no plot: cannot write {err.filename}: {err.strerror}")
+        return None
 
     def publish(self, name):
         """Upload a finished file of the run folder when the run folder is a URI."""

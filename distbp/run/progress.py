@@ -18,7 +18,7 @@ neither the start-up, a resume, nor rows arriving a window at a time skews them.
 """
 
 import math
-import shutil
+import os
 import sys
 import time
 
@@ -58,6 +58,7 @@ class Progress:
         self.terminal = self.stream.isatty() if terminal is None else terminal
         self.every_s, self.now = every_s, now
         self.columns = columns  # the bar's width; None: the terminal's, read at each update
+        self.batches, self.epoch_sums = None, None  # mini-batches: (training rows, batch size); the epoch's sums so far
         self.bar = None
         self.total = self.done = None  # steps in the run; the last step shown
         self.first = None  # (the step before this process's first row, when it arrived)
@@ -89,7 +90,7 @@ class Progress:
         # the gaps between rows (which come in bursts: a window of steps at a time)
         from tqdm import tqdm
 
-        sized = self.columns is None and shutil.get_terminal_size((0, 0)).columns > 0  # some terminals (script, CI runners) give no size
+        sized = self.columns is None and self._width() > 0  # some terminals (script, CI runners) give no size
         self.bar = tqdm(
             total=total, initial=done, file=self.stream, leave=True,
             dynamic_ncols=sized, ncols=None if sized else self.columns or 100, nrows=None if sized else 24,
@@ -119,6 +120,14 @@ class Progress:
             now = self.now()
             if step >= self.next_mark or now - self.last_line >= self.every_s or step == self.total:
                 self._line(now)
+
+    def _width(self):
+        """The width of the terminal the bar is drawn on (its stream's, not stdout's: a run
+        piped to a file still draws on the terminal's stderr); 0 when it gives none."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, AttributeError, ValueError):  # not a terminal, or no file descriptor
+            return 0
 
     def _epoch_mean(self, row):
         """The row with its loss and accuracy replaced by their mean over the epoch so far,
@@ -161,7 +170,7 @@ class Progress:
         """On the bar, steps/s and ETA first, then the figures (validation first) and the
         epoch, as many whole words as fit the width: nothing is cut mid-number."""
         parts = [self._speed()] + [f"{SHORT.get(k, k)} {self.row[k]:.4f}" for k in BAR_NAMES if self.row.get(k) is not None] + [self._epoch()]
-        columns = self.columns or shutil.get_terminal_size((100, 24)).columns
+        columns = self.columns or self._width() or 100
         room = columns - 1 - len(f"step {self.total}/{self.total} |{' ' * BAR}| ")
         kept = []
         for part in filter(None, parts):

@@ -169,8 +169,7 @@ class MetricsWriter:
         self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, self.columns, extrasaction="ignore")
         self.last_seconds = float(kept[-1]["seconds"]) if kept else 0.0
-        # the last row kept, as numbers (a resume that only writes model.npz reports it)
-        self.last_row = {k: float(v) for k, v in kept[-1].items() if v} if kept else None
+        self.last_row = kept[-1] if kept else None  # as read: a resume that only writes model.npz reports it
 
     def write(self, row):
         try:

@@ -75,7 +75,7 @@ def chosen(job):
     """The engine class of cluster.engine, or of DISTBP_ENGINE when set (an override for the
     tests' second pass); UsageError for another name."""
     name = os.environ.get("DISTBP_ENGINE")
-    if name is None:
+    if not name:  # unset or empty
         return ENGINES[job.cluster.engine]
     if name not in ENGINES:
         raise UsageError(f"DISTBP_ENGINE: expected one of {', '.join(ENGINES)}, got {name!r}")

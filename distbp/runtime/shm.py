@@ -25,8 +25,12 @@ class Segment:
     def __init__(self, size, dtype):
         nbytes = max(1, size * np.dtype(dtype).itemsize)
         self.fd = os.memfd_create("distbp", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, nbytes)
-        self.array = np.frombuffer(mmap.mmap(self.fd, nbytes, access=mmap.ACCESS_WRITE), dtype, size)
+        try:
+            os.ftruncate(self.fd, nbytes)
+            self.array = np.frombuffer(mmap.mmap(self.fd, nbytes, access=mmap.ACCESS_WRITE), dtype, size)
+        except BaseException:  # no memory for it: the descriptor goes too
+            os.close(self.fd)
+            raise
         self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
 
     def close(self):
