@@ -52,6 +52,9 @@ def ray_address(ray_session):
     """The session Ray's address: CLI subprocesses join it with --address instead of starting
     Ray of their own (4-6 s each on 2 cores). The tests of the embedded start itself (signals
     while it starts, loopback only, the examples as the README runs them) leave it out."""
+    from distbp.runtime.actors import end_idle
+
+    end_idle()  # the idle actors of this process's earlier runs would hold CPUs the subprocess needs
     return ray_session.get_runtime_context().gcs_address
 
 

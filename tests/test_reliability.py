@@ -218,3 +218,28 @@ def test_capacity_gone_for_good_checkpoints_and_stops_with_the_way_out(baseline,
         assert steps[-1] == 10, proc.stderr[-3000:]
     resumed = Trainer(load(job, [f"output.dir={out}", "cluster.workers=1"]), resume=True).run()
     assert resumed.steps == 30 and resumed.resumed_from == steps[-1]
+
+
+def test_workers_that_find_no_free_cpu_stop_the_run_in_one_line_instead_of_waiting_forever(ray_session, make_job, monkeypatch):
+    """The cluster has the CPUs (check_capacity passes) but other work holds them: the run's
+    workers stay pending; after START_S + cluster.wait_for_nodes_s the run stops, naming why."""
+    from distbp.errors import TrainingError
+    from distbp.runtime import actors
+
+    @ray_session.remote(num_cpus=3)
+    class Busy:
+        def ping(self):
+            return True
+
+    busy = Busy.remote()
+    ray_session.get(busy.ping.remote())  # 3 of the session's 4 CPUs are held
+    monkeypatch.setattr(actors, "START_S", 15)  # room for the one that finds a CPU to start, under load too
+    job = load(make_job(name="busy", rows=100, cluster={"workers": 2, "wait_for_nodes_s": 0}))
+    try:
+        with pytest.raises(TrainingError) as stopped:
+            Trainer(job).run()
+    finally:
+        ray_session.kill(busy)
+    text = str(stopped.value)
+    assert "1 of 2 workers could not start within 15 s: each needs 1 CPU, and other work holds 3 of the cluster's 4 CPUs" in text, text
+    assert "cluster.wait_for_nodes_s" in text

@@ -27,6 +27,7 @@ from distbp.text import count
 # start and kills the ones it cannot use, so no idle actor holds a CPU while a run places its own.
 _IDLE = {"job": None, "key": None, "workers": [], "servers": []}
 PARK_S = 5  # an actor that does not park within this is killed instead
+START_S = 60  # what starting a worker process may take, before cluster.wait_for_nodes_s counts
 
 
 def _ray_job():
@@ -49,6 +50,12 @@ def take_idle(key):
             kill(actor)
         return [], []
     return idle["workers"], idle["servers"]
+
+
+def end_idle():
+    """End every idle actor this process keeps: their CPUs go back to the Ray they hold them in
+    (before another driver, joining that Ray, places its own)."""
+    take_idle(object())  # no key matches: every idle actor is killed
 
 
 def park_idle(key, workers, servers):
@@ -148,6 +155,27 @@ class Actors:
             options["runtime_env"] = pin
         return remote_class(ShardWorker).options(**options).remote(plan, self.slices)
 
+    def _wait_placed(self, workers):
+        """Wait for the workers to start. On a cluster whose CPUs other work holds they stay
+        pending: after START_S + cluster.wait_for_nodes_s the run stops in one line instead of
+        waiting forever (their CPUs are there, since check_capacity passed, but not free)."""
+        import ray
+
+        c = self.job.cluster
+        refs = [ping(a) for a in workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=START_S + c.wait_for_nodes_s)
+        if len(ready) < len(refs):
+            total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
+            other = max(total - free - len(ready) * c.cpus_per_worker, 0)
+            for actor in workers:
+                kill(actor)
+            raise TrainingError(
+                f"{len(refs) - len(ready)} of {count(len(refs), 'worker')} could not start within {START_S + c.wait_for_nodes_s:g} s: "
+                f"each needs {count(c.cpus_per_worker, 'CPU')}, and other work holds {other:g} of the cluster's {total:g} CPUs",
+                hint="wait for that work to finish, lower cluster.workers, or raise cluster.wait_for_nodes_s",
+            )
+        get(refs)  # an actor that died starting raises its own error
+
     def start(self, start):
         """Create every actor, read and check the shards, then start the parameter actors
         at `start` (the seeded init, or a checkpoint). Touches no disk."""
@@ -158,7 +186,7 @@ class Actors:
         self.workers = [self._new_worker(plan) for plan in self.plans]
         if not self.per_worker:
             self.start_servers(start)  # they start while the workers start and read
-        get([ping(a) for a in self.workers])
+        self._wait_placed(self.workers)
         if self.per_worker:  # each beside its worker: the workers' nodes are known now
             self.start_servers(start)
         get([ping(a) for a in self.servers])
