@@ -129,7 +129,7 @@ def scan(job, prep):
 
 
 def merge_summaries(job, prep, summaries):
-    """Turn the workers' ShardSummary tuples (or any RowCounts) into classes and
+    """Turn RowCounts (the workers' shards, or --dry-run's blocks) into classes and
     standardisation statistics, after the checks on what they found."""
     columns = prep.features + (prep.labels if job.data.task == "regression" else [])
     for origin, path in (("data", prep.source.path), ("validation", job.validation_path())):

@@ -197,9 +197,9 @@ class Actors:
         t = time.perf_counter()
         summaries = get([w.load.remote() for w in self.workers])
         self.blas = [s.blas for s in summaries]
-        self.classes, mean, std, self.n_train = merge_summaries(job, self.prep, summaries)
+        self.classes, mean, std, self.n_train = merge_summaries(job, self.prep, [s.counts for s in summaries])
         self.mean, self.std = mean, std
-        dropped = sum(s.dropped for s in summaries)
+        dropped = sum(s.counts.dropped for s in summaries)
         if dropped:
             self.log(f"data.on_nan: drop: skipped {count(dropped, 'row')} holding NaN or inf values; {count(self.n_train, 'training row')} left")
         rows = self._prepare(summaries)
@@ -214,7 +214,7 @@ class Actors:
     def _prepare(self, summaries):
         """Encode every worker's loaded shard; each learns where its training rows start among
         all of them (their ordinals pick the rows of a mini-batch). Returns the row counts."""
-        offsets = np.cumsum([0] + [s.rows["train"] for s in summaries])
+        offsets = np.cumsum([0] + [s.counts.rows["train"] for s in summaries])
         self.prepare_args = [(self.classes, self.mean, self.std, int(offsets[k]), self.n_train) for k in range(len(self.workers))]
         return get([w.prepare.remote(*args) for w, args in zip(self.workers, self.prepare_args)])
 
@@ -342,7 +342,7 @@ class Actors:
         self.reshard_due = True
         summaries = get([w.load.remote(plan) for w, plan in zip(self.workers, self.plans)])
         self._note_blas([s.blas for s in summaries])
-        n_train = sum(s.rows["train"] for s in summaries)
+        n_train = sum(s.counts.rows["train"] for s in summaries)
         if n_train != self.n_train:
             raise TrainingError(
                 f"resharding over {count(len(self.workers), 'worker')} read {count(n_train, 'training row')}, the run has {self.n_train}",

@@ -8,9 +8,12 @@ is a `Snapshot`; the direct engine's links start at a parameter actor's `Endpoin
 pickle cheaply on any transport.
 """
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:  # (data.checks loads pyarrow; this module loads numpy only)
+    from distbp.data.checks import RowCounts
 
 # A stats vector (float64): sums over rows that add across workers. Its layout is read only
 # here: elsewhere through stats_vector, rows_of, loss_sum_of, delta_means and figures.
@@ -79,11 +82,7 @@ class StepInfo(NamedTuple):
 class ShardSummary(NamedTuple):
     """What a worker returns once it has read its shard: sums the driver merges."""
 
-    nonfinite: dict  # 'data' / 'validation' -> (columns,) counts of NaN or inf values
-    dropped: int  # rows skipped by data.on_nan: drop
-    labels: list  # the distinct class labels (classification), sorted
-    rows: dict  # 'train' / 'val' -> row count
-    moments: tuple  # rowmath.shard_moments of its training features
+    counts: "RowCounts"  # NaN or inf values, rows dropped, labels, rows, feature moments (data.checks)
     blas: dict  # what its bits depend on: blas.describe(), with rank and node
 
 

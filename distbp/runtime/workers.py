@@ -128,7 +128,7 @@ class ShardWorker(DirectWorker):
         elif p.validation_source is not None:
             parts["val"] = self._read(p.validation_source, *p.validation_range)
         counts, self.raw = checks.count_rows(parts, p.task, p.labels, p.on_nan, p.validation_source is not None)
-        return ShardSummary(*counts, report)
+        return ShardSummary(counts, report)
 
     def prepare(self, classes, mean, std, offset=0, n_train=0):
         """Standardise, cast to the model dtype and encode targets; drop the raw table.
