@@ -223,35 +223,23 @@ class Trainer:
         self.t_loop = time.perf_counter()
         self.last = Recorded(first - 1, None)
         self.stop_at = None
-        step, size, ahead = first, 1, None  # ahead: the window submitted before the current one was read
+        stream = engine.Stream(self.engine, self._window, self._ends_window)
+        step = first
         while True:
             try:
-                if ahead is None:
-                    orders = self._window(step, size)
-                    handle = self.engine.submit(orders)
-                else:
-                    (orders, handle), ahead = ahead, None
-                if not self._ends_window(orders[-1]) and not self.stop_requested:
-                    more = self._window(orders[-1].step + 1, size)
-                    ahead = (more, self.engine.submit(more))
-                results = self.engine.collect(handle)
+                orders, results = stream.read(step, hold=bool(self.stop_requested))
                 for order, infos in zip(orders, results):
                     self._record(order, infos)
-                if len(results) > 1:  # about WINDOW_S of steps per window
-                    size = self.engine.window((results[-1][0].applied_at - results[0][0].applied_at) / (len(results) - 1))
-                elif size == 1:  # after the first step: the engine's window before any step time is known
-                    size = self.engine.window(None)
-                if ahead is not None and self.stop_requested:  # checkpoint after the window ahead
-                    step = orders[-1].step + 1
+                step = orders[-1].step + 1
+                if stream.in_flight and self.stop_requested:  # checkpoint after the window ahead
                     continue
                 result = self._after(orders[-1].step)
                 if result is not None:
                     return result
-                if ahead is None and self.recovery.grow():  # between windows: nothing in flight
+                if not stream.in_flight and self.recovery.grow():  # between windows: nothing in flight
                     self.engine.rebuild()
-                step = orders[-1].step + 1
             except recoverable() as err:
-                ahead = None
+                stream.drop()
                 step, result = self._recover(err)
                 if result is not None:
                     return result

@@ -47,6 +47,15 @@ FAST_HEALTH_CHECKS = {  # notice a lost node in about a second, not half a minut
 }
 
 
+def alive(pid):
+    """Whether process `pid` still runs (a zombie, waiting for its parent to reap it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("job")
@@ -140,6 +149,7 @@ def run_once(cluster, nodes, args, out):
             # the driver's node ends any run.
             driver = ray.get_runtime_context().get_node_id()
             node = next(n for n in nodes if n.node_id in on and n.node_id != driver)
+            there = [w["pid"] for w in ray.get([a.where.remote() for a in trainer.workers + trainer.servers]) if w["node_id"] == node.node_id]
             cluster.remove_node(node, allow_graceful=False)
             nodes.remove(node)
             report["killed"].append(["node", node.node_id])
@@ -148,6 +158,11 @@ def run_once(cluster, nodes, args, out):
             deadline = time.monotonic() + 60
             while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
                 assert time.monotonic() < deadline, "the removed node never went dead"
+                time.sleep(0.1)
+            # and for its actors' processes, which outlive its raylet a moment (on a loaded
+            # machine, long enough to answer a checkpoint's snapshot)
+            while any(alive(pid) for pid in there):
+                assert time.monotonic() < deadline, f"the removed node's actors {there} never exited"
                 time.sleep(0.1)
         if step == args.add_node_at:
             free = ray.available_resources().get("CPU", 0)

@@ -331,7 +331,7 @@ def test_validation_rows_never_go_through_backprop(make_job, monkeypatch):
     from distbp.backprop import nn
     from distbp.data import tables
     from distbp.api import spec_of
-    from distbp.runtime.messages import Order, rows_of
+    from distbp.runtime.messages import Order, rows_of, split_step_returns
     from distbp.runtime.workers import ShardPlan, ShardWorker
 
     job = load(make_job(name="w9", rows=200, data={"validation": 0.25}))
@@ -345,6 +345,6 @@ def test_validation_rows_never_go_through_backprop(make_job, monkeypatch):
     real = nn.grad_rows
     monkeypatch.setattr(nn, "grad_rows", lambda spec, params, x, *a, **k: seen.append(len(x)) or real(spec, params, x, *a, **k))
     params = nn.init_params(spec, np.random.default_rng(0))
-    *_, sums = worker.step(Order(1, 0.1, True, False), params)
+    _, sums = split_step_returns(worker.step(Order(1, 0.1, True, False), params))
     assert seen == [summary.counts.rows["train"]]  # backprop over the training rows only
     assert sums.val is not None and rows_of(sums.val) == summary.counts.rows["val"] > 0

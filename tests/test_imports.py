@@ -9,7 +9,13 @@ really loads no more than that.
     distbp/data/       the job file and the rows: schema, tables, row math, data sets
     distbp/backprop/   the delta equations: numpy and the standard library only
 
-errors, text and faults (top level) import nothing of distbp's: any layer may use them."""
+errors, text and faults (top level) import nothing of distbp's: any layer may use them.
+
+Imports inside functions are for two things only. `import ray` waits until Ray's loopback
+mode is chosen (runtime.cluster: Ray reads it when first imported, and it depends on the
+job's address), so no module loads ray at import. And the front doors load distbp's heavier
+layers when a command needs them, so that `distbp --help` and `import distbp` stay light.
+Optional extras (matplotlib, onnx, tensorboardX, tqdm, pandas) load where they are used."""
 
 import ast
 import subprocess
@@ -35,7 +41,10 @@ RUNTIME = {  # what a fresh interpreter must not have loaded after importing the
     "distbp.runtime.messages": HEAVY, "distbp.run.stopping": HEAVY,
     "distbp.runtime.workers": ("ray", "click"), "distbp.runtime.server": ("ray", "click"),
     "distbp.trainer": ("click",), "distbp.runtime.engine": ("ray", "pyarrow", "click"),
-    "distbp.runtime.direct": ("ray", "pyarrow", "click"),
+    "distbp.runtime.direct": ("ray", "pyarrow", "click"), "distbp.runtime.actors": ("ray", "click"),
+    "distbp.runtime.recovery": ("ray", "click"), "distbp.runtime.cluster": ("ray", "click"),
+    "distbp.run.outputs": ("ray", "click"), "distbp.run.plot": ("ray", "click", "matplotlib"), "distbp.cli": ("ray",),
+    "distbp": HEAVY,
 }
 
 
@@ -103,6 +112,23 @@ def test_every_folder_is_a_layer():
     """Each folder is a layer, but bench/: a front door in parts (harness, model, report)."""
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert folders == set(ORDER) - {"top"} | {"bench"}
+
+
+def _in_functions(tree):
+    """The import statements inside functions (not under `if TYPE_CHECKING:`)."""
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield from (n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom)))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=dotted)
+def test_only_front_doors_import_distbp_inside_functions(path):
+    module = dotted(path)
+    if layer(module) == "top":
+        return
+    late = [n for n in _in_functions(ast.parse(path.read_text()))
+            if any((a.name if isinstance(n, ast.Import) else n.module).startswith("distbp") for a in n.names)]
+    assert not late, f"{module}:{late[0].lineno}: imports distbp inside a function (import it at the top)"
 
 
 def test_the_parameter_actor_does_not_import_the_worker():

@@ -11,7 +11,7 @@ from distbp.backprop import nn
 from distbp.data import tables
 from distbp.api import load, spec_of as trainer_spec
 from distbp.data.checks import prepare
-from distbp.runtime.messages import Order, rows_of
+from distbp.runtime.messages import Order, apply_parts, rows_of
 from distbp.trainer import Trainer
 
 from conftest import model_arrays
@@ -38,7 +38,7 @@ def test_assembled_gradient_equals_one_process(ray_session, make_job, workers):
         outs = [w.step.options(num_returns=2).remote(Order(1, 0.0, False, False), *weights) for w in trainer.workers]
         counts = [int(rows_of(ray.get(o[1]).train)) for o in outs]
         assert sum(counts) == 301 and len(set(counts)) == (1 if workers == 1 else 2)
-        got, _ = ray.get(trainer.servers[0].assemble.remote(workers, *[o[0] for o in outs], *[o[1] for o in outs]))
+        got, _ = ray.get(trainer.servers[0].assemble.remote(*apply_parts([o[0] for o in outs], [o[1] for o in outs])))
         params = np.concatenate(ray.get(weights))
     finally:
         trainer.close()

@@ -16,7 +16,7 @@ from distbp.data import tables, rowmath, sampling
 from distbp.api import load
 from distbp.cli import main
 from distbp.data.checks import prepare
-from distbp.runtime.messages import Order
+from distbp.runtime.messages import Order, apply_parts
 from distbp.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_mini_batch_step_equals_one_process_on_the_same_rows(ray_session, make_j
             assert np.array_equal(chosen, sampling.batch_ordinals(job.seed, epoch, index, 37, 301))
             assert len(chosen) == (5 if step == 9 else 37)
             outs = [w.step.options(num_returns=2).remote(Order(step, 0.0, False, False), *weights) for w in trainer.workers]
-            got, _ = ray.get(trainer.servers[0].assemble.remote(workers, *[o[0] for o in outs], *[o[1] for o in outs]))
+            got, _ = ray.get(trainer.servers[0].assemble.remote(*apply_parts([o[0] for o in outs], [o[1] for o in outs])))
             oracle = nn.grad_rows(trainer.model.spec, params, x[chosen], y[chosen])
             want = oracle.grad / oracle.count
             assert np.linalg.norm(got - want) <= 1e-12 * np.linalg.norm(want)

@@ -14,6 +14,7 @@ from distbp import faults
 from distbp.data.job import job_hash, job_to_dict
 from distbp.errors import TrainingError, UsageError, WriteFailed
 from distbp.run import checkpoint, rundir
+from distbp.run.plot import plot_run
 from distbp.runtime import blas
 from distbp.runtime.messages import delta_means, figures, layer_norms, rows_of
 from distbp.text import count
@@ -296,8 +297,6 @@ class RunOutputs:
         """plot.png of the run's curves (unless output.plot is false)."""
         if not self.job.output.plot:
             return None
-        from distbp.run.plot import plot_run
-
         try:
             return plot_run(self.out_dir)
         except UsageError as err:

@@ -20,6 +20,7 @@ import os
 import re
 
 from distbp.errors import UsageError
+from distbp.run.checkpoint import atomic_write
 
 _LAYER_COLUMN = re.compile(r"^(grad_norm|delta_mean)_(\d+)$")
 
@@ -73,10 +74,6 @@ def plot_run(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = No
     if not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
         raise UsageError(f"-o {out_path}: no folder {os.path.dirname(os.path.abspath(out_path))}")
     fig = figure(run_dir)
-    from distbp.run.checkpoint import (
-        atomic_write,  # here: importing this module loads no numpy
-    )
-
     # a temporary file in the same folder, then a rename: a reader never sees half a PNG
     atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=110))
     return out_path

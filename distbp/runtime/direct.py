@@ -19,7 +19,7 @@ from distbp import faults
 from distbp.runtime import link, shm
 from distbp.runtime.calls import CONTROL, get, unwrap
 from distbp.runtime.link import LinkError
-from distbp.runtime.messages import Endpoint, rank_order_sum
+from distbp.runtime.messages import Endpoint, rank_order_sum, split_step_returns
 
 WINDOW_S = 0.25  # a direct window's target length: progress rows and signals are this fresh
 MAX_WINDOW = 256
@@ -65,7 +65,7 @@ class DirectWorker:
                 for (a, b), weights in zip(self.slices, shared):
                     if weights is not None and not zero_copy:
                         np.copyto(self.weights[a:b], weights)
-                *grads, sums = self._step(orders[0], shared[0] if zero_copy else self.weights, self.grad_out)
+                grads, sums = split_step_returns(self._step(orders[0], shared[0] if zero_copy else self.weights, self.grad_out))
                 payload = link.pack_sums(sums)
                 outgoing = [[payload] if weights is not None else [link.as_bytes(np.ascontiguousarray(grad)), payload] for grad, weights in zip(grads, shared)]
                 if len(links) == 1:

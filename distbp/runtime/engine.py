@@ -5,9 +5,9 @@
     engine.rebuild()                  # after actors were replaced or restored
     engine.close()
 
-Windows run in the order submitted, so the driver submits the next window before it reads
-the current one (unless the current one ends at a step it must act on): the actors go from
-one window to the next while the driver writes rows.
+Windows run in the order submitted. The driver reads them through a `Stream`, which submits
+the next window before it reads the current one (unless the current one ends at a step the
+driver must act on): the actors go from one window to the next while the driver writes rows.
 
 Both engines call the same code in the actors (ShardWorker.step, and the parameter actor's
 rank-order sum and optimizer step), so the bits are identical.
@@ -29,6 +29,7 @@ import os
 from distbp.errors import UsageError
 from distbp.runtime.calls import get
 from distbp.runtime.direct import FIRST_WINDOW, DirectEngine
+from distbp.runtime.messages import apply_parts, split_step_returns
 
 
 
@@ -46,10 +47,10 @@ class TaskEngine:
     def _submit(self, order):
         workers, servers = self.actors.workers, self.actors.servers
         K, S = len(workers), len(servers)
-        outs = [w.step.options(num_returns=S + 1).remote(order, *self.weights) for w in workers]
-        sums = [o[S] for o in outs]
+        outs = [split_step_returns(w.step.options(num_returns=S + 1).remote(order, *self.weights)) for w in workers]
+        sums = [s for _, s in outs]
         applied = [
-            s.apply_publish.options(num_returns=2).remote(order, K, *[o[i] for o in outs], *sums)
+            s.apply_publish.options(num_returns=2).remote(order, K, *apply_parts([slices[i] for slices, _ in outs], sums))
             for i, s in enumerate(servers)
         ]
         self.weights = [a[0] for a in applied]
@@ -69,6 +70,47 @@ class TaskEngine:
 
 
 ENGINES = {"direct": DirectEngine, "tasks": TaskEngine}
+
+
+class Stream:
+    """The look-ahead, behind the engine. `read(step)` returns a window of steps from `step`
+    and their results; before it waits for them, it submits the window after it, so the actors
+    go on while the driver writes this window's rows. No window is submitted past a barrier
+    (`barrier(order)`: the driver must act once that step is applied) or while `hold` is set.
+    `plan(step, size)` gives a window's orders: at most `size`, ending at the first barrier.
+    Sizes follow the engine's pace: one step first, then about WINDOW_S of steps."""
+
+    def __init__(self, engine, plan, barrier):
+        self.engine, self.plan, self.barrier = engine, plan, barrier
+        self.size = 1
+        self.ahead = None  # (orders, handle) of the window submitted before the current one was read
+
+    def read(self, step, hold=False):
+        """(orders, per order its StepInfos) of the window from `step`: the step after the
+        last window read, or where a recovery goes on from (after `drop`)."""
+        if self.ahead is None:
+            orders = self.plan(step, self.size)
+            handle = self.engine.submit(orders)
+        else:
+            (orders, handle), self.ahead = self.ahead, None
+        if not self.barrier(orders[-1]) and not hold:
+            more = self.plan(orders[-1].step + 1, self.size)
+            self.ahead = (more, self.engine.submit(more))
+        results = self.engine.collect(handle)
+        if len(results) > 1:
+            self.size = self.engine.window((results[-1][0].applied_at - results[0][0].applied_at) / (len(results) - 1))
+        elif self.size == 1:  # after the first step: the engine's window before any step time is known
+            self.size = self.engine.window(None)
+        return orders, results
+
+    @property
+    def in_flight(self):
+        """Whether a window is submitted and not yet read."""
+        return self.ahead is not None
+
+    def drop(self):
+        """After a failure: the window ahead went with the actors."""
+        self.ahead = None
 
 
 def chosen(job):

@@ -102,6 +102,31 @@ class Snapshot(NamedTuple):
     best_params: np.ndarray | None  # early stopping: the input weights of the best validation step
 
 
+# The task engine carries a step in Ray tasks, whose values go by position (num_returns): a
+# worker's step returns its S gradient slices, then its Sums; a parameter actor's apply takes
+# the K workers' slices of its part of the vector, then their K Sums. Only these four read
+# those positions.
+def step_returns(slices, sums):
+    """What a worker's step returns: its gradient slices, one per parameter actor, then its Sums."""
+    return (*slices, sums)
+
+
+def split_step_returns(values):
+    """(the gradient slices, the Sums) of a worker's step_returns, or of their object references."""
+    return values[:-1], values[-1]
+
+
+def apply_parts(slices, sums):
+    """A parameter actor's apply arguments: the workers' slices in rank order, then their Sums."""
+    return (*slices, *sums)
+
+
+def split_apply_parts(parts):
+    """(the K gradient slices, the K Sums) of apply_parts."""
+    k = len(parts) // 2
+    return parts[:k], parts[k:]
+
+
 def add_sums(sums):
     """(train, val, slowest) of the workers' Sums, added in rank order."""
     train = np.sum([s.train for s in sums], axis=0)

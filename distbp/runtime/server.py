@@ -2,6 +2,7 @@
 optimizer state, adds the workers' partial gradients in rank order, divides once by the
 row count, and steps. A thin wrapper over optim.py; its messages are in messages.py."""
 
+import os
 import time
 from collections import deque
 
@@ -11,7 +12,7 @@ from distbp.backprop import optim
 from distbp.errors import TrainingError
 from distbp.runtime import link
 from distbp.runtime.direct import DirectServer
-from distbp.runtime.messages import Snapshot, StepInfo, add_sums, loss_sum_of, rank_order_sum, rows_of
+from distbp.runtime.messages import Snapshot, StepInfo, add_sums, loss_sum_of, rank_order_sum, rows_of, split_apply_parts
 from distbp.text import count
 
 RECENT = 512  # StepInfos kept for the driver to read after a failure: more than a window
@@ -47,8 +48,6 @@ class ParameterServer(DirectServer):
         return True
 
     def where(self):
-        import os
-
         import ray
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
@@ -59,11 +58,11 @@ class ParameterServer(DirectServer):
     def weights(self):
         return self.w
 
-    def assemble(self, num_workers, *parts, order=None):
-        """The mean gradient of this slice: parts = K gradient slices then K Sums, added in
+    def assemble(self, *parts, order=None):
+        """The mean gradient of this slice: parts = K gradient slices then K Sums (apply_parts), added in
         worker-rank order (never arrival order) and divided once by the row count. Returns
         (buffer it writes into, the added Sums as (train, val, slowest))."""
-        grads, sums = parts[:num_workers], parts[num_workers:]
+        grads, sums = split_apply_parts(parts)
         rank_order_sum(grads, self.grad)
         return self._mean(sums, order)
 
@@ -91,7 +90,7 @@ class ParameterServer(DirectServer):
         the step after the last applied one is taken: a step handed twice is refused, so a
         redo after a failure can never apply an update twice."""
         self._check_next(order)
-        return self._step(order, *self.assemble(num_workers, *parts, order=order), num_workers)
+        return self._step(order, *self.assemble(*parts, order=order), num_workers)
 
     def _check_next(self, order):
         if order.step != self.step + 1:

@@ -15,7 +15,7 @@ from distbp.data import checks, rowmath, sampling, tables
 from distbp.errors import UsageError
 from distbp.runtime import blas
 from distbp.runtime.direct import DirectWorker
-from distbp.runtime.messages import ShardSummary, Sums, stats_vector
+from distbp.runtime.messages import ShardSummary, Sums, stats_vector, step_returns
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ class ShardWorker(DirectWorker):
             xv, yv = self.sets["val"]
             loss_sum, correct = nn.evaluate(spec, params, xv, yv, self.plan.chunk_rows)
             val = stats_vector(loss_sum, len(xv), correct, 0.0, np.zeros(spec.num_layers))
-        return (*(result.grad[a:b] for a, b in self.slices), Sums(train, val))
+        return step_returns([result.grad[a:b] for a, b in self.slices], Sums(train, val))
 
     def evaluate(self, *weights):
         """Sums over all this shard's training rows and its validation rows at `weights`,
