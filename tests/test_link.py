@@ -57,6 +57,38 @@ def test_what_is_read_next_can_depend_on_what_was_read():
     b.close()
 
 
+def test_a_held_link_sends_only_once_its_first_part_came_in():
+    """What a parameter actor does with a worker that asks for the weights (READY): nothing
+    goes out on that link before the ask, while the other link sends at once."""
+    (held, held_far), (free, free_far) = socket.socketpair(), socket.socketpair()
+    asked, answer = bytearray(1), bytearray(8)
+    result = []
+    run = threading.Thread(target=lambda: result.append(link.exchange(
+        sends=[(held, [b"weights!"]), (free, [b"at once!"])], recvs=[(held, [asked, answer])], held=[held])))
+    run.start()
+    assert free_far.recv(8) == b"at once!"
+    held_far.settimeout(0.2)
+    with pytest.raises(TimeoutError):  # nothing before the ask (a wrong implementation sends at once)
+        held_far.recv(8)
+    held_far.sendall(link.READY)
+    held_far.settimeout(10)
+    assert held_far.recv(8) == b"weights!"
+    held_far.sendall(b"gradient")
+    run.join(timeout=10)
+    assert not run.is_alive() and result == [None]
+    assert bytes(asked) == link.READY and bytes(answer) == b"gradient"
+    for c in (held, held_far, free, free_far):
+        c.close()
+
+
+def test_a_held_link_must_receive_first():
+    a, b = socket.socketpair()
+    with pytest.raises(ValueError, match="a held link must receive first"):
+        link.exchange(sends=[(a, [b"x"])], held=[a])
+    a.close()
+    b.close()
+
+
 def test_a_closed_peer_is_a_link_error():
     a, b = socket.socketpair()
     b.close()

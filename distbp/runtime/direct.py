@@ -28,6 +28,13 @@ CONNECT_S = 60
 RECV_BUDGET = 512 << 20  # bytes of per-worker gradient buffers a parameter actor may hold (see run)
 
 
+def pulls(shared):
+    """Whether a worker whose links to the parameter actors are `shared` (through shared
+    memory: an actor on its node) asks the others for each step's slice (READY): when it
+    has both kinds."""
+    return any(shared) and not all(shared)
+
+
 class DirectWorker:
     """A shard worker's side of the links (ShardWorker takes it on)."""
 
@@ -46,6 +53,7 @@ class DirectWorker:
         if any(w is not None for w in self.shared_w):
             self.grad_segment = shm.Segment(spec.num_params, spec.np_dtype)
             self.grad_out = self.grad_segment.array
+        self.pull = pulls([w is not None for w in self.shared_w])
         return self.grad_segment and self.grad_segment.path
 
     def serve(self):
@@ -53,7 +61,12 @@ class DirectWorker:
         each actor's order and weight slice in (through its socket, or already in its shared
         segment), then this shard's gradient slices (through the socket, or written to this
         worker's segment) and its Sums out. With more than one link, every link moves its bytes
-        at once (link.exchange): no actor waits for another's slice to pass."""
+        at once (link.exchange): no actor waits for another's slice to pass.
+
+        A worker with a parameter actor on its own node and others elsewhere (per_worker) asks
+        those others for a step's slices (READY) only once its own actor has started the step.
+        That actor starts once every gradient slice of the last step is in, so the slices
+        coming in do not crowd this node's link while gradients for it still arrive."""
         links, shared, steps = self.links, self.shared_w, 0
         zero_copy = len(shared) == 1 and shared[0] is not None
         try:
@@ -84,18 +97,28 @@ class DirectWorker:
         """Each parameter actor's order of the next step, and its weight slice when it comes
         through the socket (read into place in self.weights)."""
         heads = [bytearray(link.ORDER.size) for _ in self.links]
+        ask = range(len(self.links))
+        if self.pull:  # the order of the actors beside this worker first, then READY to the others
+            beside = [i for i, w in enumerate(self.shared_w) if w is not None]
+            ask = [i for i, w in enumerate(self.shared_w) if w is None]
+            for i in beside:
+                link.recv_into(self.links[i], memoryview(heads[i]).cast("B"))
+            if link.unpack_order(bytes(heads[beside[0]])).step:  # (not at the window's end)
+                for i in ask:
+                    link.send(self.links[i], link.READY)
 
         def parts(head, a, b, weights):
             yield head
             if weights is None and link.unpack_order(head).step:
                 yield link.as_bytes(self.weights[a:b])
 
-        incoming = [parts(head, a, b, w) for head, (a, b), w in zip(heads, self.slices, self.shared_w)]
-        if len(self.links) == 1:
-            for view in incoming[0]:
-                link.recv_into(self.links[0], memoryview(view).cast("B"))
+        incoming = [(self.links[i], parts(heads[i], *self.slices[i], self.shared_w[i])) for i in ask]
+        if len(incoming) == 1:
+            conn, views = incoming[0]
+            for view in views:
+                link.recv_into(conn, memoryview(view).cast("B"))
         else:
-            link.exchange(recvs=zip(self.links, incoming))
+            link.exchange(recvs=incoming)
         return [link.unpack_order(bytes(head)) for head in heads]
 
     def seal_segment(self):
@@ -109,7 +132,7 @@ class DirectWorker:
         link.close(self.links)
         if getattr(self, "grad_segment", None):
             self.grad_segment.close()  # the mappings keep it until they end
-        self.links, self.shared_w, self.grad_out, self.grad_segment = [], [], None, None
+        self.links, self.shared_w, self.grad_out, self.grad_segment, self.pull = [], [], None, None, False
         return True
 
 
@@ -136,10 +159,12 @@ class DirectServer:
         self.recv_buf = np.empty_like(self.w)
         return True
 
-    def attach(self, grad_paths, start, stop):
+    def attach(self, grad_paths, start, stop, ready=None):
         """Map the gradient segment of each worker on this node (paths in rank order, None for
-        the others); this actor's slice is [start, stop). Its own segment is sealed: every
-        worker has mapped it."""
+        the others); this actor's slice is [start, stop). `ready[k]`: worker k asks for each
+        step's slice with READY (DirectWorker.serve). Its own segment is sealed: every worker
+        has mapped it."""
+        self.ready = list(ready) if ready else [False] * len(grad_paths)
         self.peer_grads = [None if path is None else shm.attach(path, stop, self.w.dtype)[start:stop] for path in grad_paths]
         remote = [g is None for g in self.peer_grads]
         together = len(remote) > 1 and any(remote) and len(remote) * self.w.nbytes <= RECV_BUDGET
@@ -182,17 +207,24 @@ class DirectServer:
         """One step's transfers on every link at once; self.grad = the rank-order sum. Returns the Sums."""
         heads = [[head] if shared is not None else [head, weights] for shared in self.peer_grads]
         raw = [bytearray(self.sums_size) for _ in self.links]
+        asked = [bytearray(len(link.READY)) if r else None for r in self.ready]
         grads = [shared if shared is not None else buf for shared, buf in zip(self.peer_grads, self.recv_bufs)]
-        incoming = [[view] if shared is not None else [link.as_bytes(buf), view]
-                    for shared, buf, view in zip(self.peer_grads, self.recv_bufs, raw)]
-        link.exchange(sends=zip(self.links, heads), recvs=zip(self.links, incoming))
+        incoming = [([a] if a is not None else []) + ([view] if shared is not None else [link.as_bytes(buf), view])
+                    for a, shared, buf, view in zip(asked, self.peer_grads, self.recv_bufs, raw)]
+        held = [conn for conn, a in zip(self.links, asked) if a is not None]
+        link.exchange(sends=zip(self.links, heads), recvs=zip(self.links, incoming), held=held)
+        if any(a is not None and bytes(a) != link.READY for a in asked):
+            raise link.LinkError("a worker sent something else than READY")
         rank_order_sum(grads, self.grad)
         return [link.unpack_sums(bytes(r)) for r in raw]
 
     def _one_by_one(self, head, weights):
         """One step's transfers a worker at a time; self.grad = the rank-order sum. Returns the Sums."""
-        for conn, shared in zip(self.links, self.peer_grads):
+        links = list(zip(self.links, self.peer_grads, self.ready))
+        for conn, shared, ready in sorted(links, key=lambda t: t[1] is None):  # the workers beside it first
             if shared is None:  # a worker on another node gets the weights with the order
+                if ready and link.recv_exact(conn, len(link.READY)) != link.READY:
+                    raise link.LinkError("a worker sent something else than READY")
                 link.send(conn, head, weights)
             else:
                 link.send(conn, head)
@@ -237,8 +269,10 @@ class DirectEngine:
         endpoints = get([s.listen.remote(any(near[i])) for i, s in enumerate(servers)])
         accepted = [s.accept.remote(len(workers), secret, CONNECT_S) for s in servers]
         paths = get([w.connect.remote(endpoints, secret, CONNECT_S, [row[k] for row in near]) for k, w in enumerate(workers)] + accepted)
+        shared = [[bool(near[i][k] and endpoints[i].segment) for i in range(len(servers))] for k in range(len(workers))]
         get([
-            s.attach.remote([p if near[i][k] and endpoints[i].segment else None for k, p in enumerate(paths[: len(workers)])], a, b)
+            s.attach.remote([p if shared[k][i] else None for k, p in enumerate(paths[: len(workers)])], a, b,
+                            [pulls(shared[k]) and not shared[k][i] for k in range(len(workers))])
             for i, (s, (a, b)) in enumerate(zip(servers, self.actors.slices))
         ])
         get([w.seal_segment.remote() for w in workers])  # mapped by all: no process may open one now

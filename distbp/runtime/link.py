@@ -4,7 +4,9 @@ again after a failure) with a per-run secret, then carries every step of a windo
 
 Nothing on the wire is pickled. Per step, parameter actor i sends each worker an order header
 and its weight slice (raw bytes); the worker answers with its gradient slice (raw bytes) and its
-sums as a fixed-size float64 vector. A header with step 0 ends the window. A parameter actor
+sums as a fixed-size float64 vector. A header with step 0 ends the window. A worker beside a
+parameter actor of its own that also has links to actors on other nodes first asks each of
+those for the step's weights with one READY byte (see DirectWorker.serve). A parameter actor
 listens on its node's Ray address: 127.0.0.1 for an embedded or loopback Ray.
 """
 
@@ -21,6 +23,7 @@ from distbp.runtime.messages import Order, Sums, stats_size
 ORDER = struct.Struct("<qd??q")  # step (0 = end of window), lr, evaluate, keep, rows
 HELLO = struct.Struct("<q32s")  # worker rank, the run's secret
 END = ORDER.pack(0, 0.0, False, False, 0)
+READY = b"R"  # a worker asks a parameter actor on another node for the next step's weights
 KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}  # a dead peer shows in ~25 s
 # ... also while data is in flight to it, when keepalive does not run: without this, a peer whose
 # network is gone (cable, switch, VM lost) shows only after TCP's retransmissions give up, about
@@ -138,20 +141,24 @@ def recv_into(conn, view):
         raise LinkError(str(err)) from None
 
 
-def exchange(sends=(), recvs=()):
+def exchange(sends=(), recvs=(), held=()):
     """Carry out every transfer at once, each link busy in both directions: for each
     (conn, parts) of `sends` send its byte views in order, and for each (conn, parts) of
     `recvs` fill its writable byte views in order. `recvs` parts may be a generator, so that
     what is read next can depend on what came before (it resumes once the view it yielded is
-    full). No peer waits for another, so a slow link holds back only its own bytes. LinkError
+    full). No peer waits for another, so a slow link holds back only its own bytes. A link in
+    `held` sends nothing until the first part it receives is full (a worker's READY). LinkError
     when a peer is gone."""
     out = {conn: _Parts(parts) for conn, parts in sends}
     inn = {conn: _Parts(parts) for conn, parts in recvs}
     out = {c: t for c, t in out.items() if t.current() is not None}
     inn = {c: t for c, t in inn.items() if t.current() is not None}
+    held = set(held) & set(out)
+    if not held <= set(inn):
+        raise ValueError("a held link must receive first")
     try:
         while out or inn:
-            readable, writable, _ = select.select(list(inn), list(out), [])
+            readable, writable, _ = select.select(list(inn), [c for c in out if c not in held], [])
             for conn in writable:
                 t = out[conn]
                 try:
@@ -169,7 +176,10 @@ def exchange(sends=(), recvs=()):
                 if n == 0:
                     raise LinkError("the peer closed the link")
                 t.advance(n)
-                if t.current() is None:
+                finished = t.current() is None
+                if conn in held and (finished or t.filled):
+                    held.discard(conn)
+                if finished:
                     del inn[conn]
     except OSError as err:  # LinkError is one too: passed on as it is
         raise err if isinstance(err, LinkError) else LinkError(str(err)) from None
@@ -178,13 +188,15 @@ def exchange(sends=(), recvs=()):
 class _Parts:
     """The views one link still has to send or fill, the current one first."""
 
-    __slots__ = ("parts", "view")
+    __slots__ = ("parts", "view", "filled")
 
     def __init__(self, parts):
-        self.parts, self.view = iter(parts), None
+        self.parts, self.view, self.filled = iter(parts), None, 0  # filled: parts done
 
     def current(self):
         while self.view is None or not len(self.view):
+            if self.view is not None:
+                self.filled += 1
             part = next(self.parts, None)
             if part is None:
                 self.view = None
