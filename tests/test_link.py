@@ -131,3 +131,45 @@ def test_link_set_up_without_the_workers_fails_in_one_line_after_its_timeout():
     with pytest.raises(link.LinkError, match=r"workers did not connect within 0.5 s \(0 of 1 arrived\)"):
         link.accept(server, 1, b"s" * 32, 0.5)
     silent.close()
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["all-links-at-once", "one-worker-at-a-time"])
+def test_a_parameter_actor_sends_its_slice_to_a_worker_elsewhere_only_once_it_asks(together):
+    """A parameter actor with worker 0 beside it (its gradient in shared memory) and worker 1
+    on another node that asks with READY (per_worker): worker 0 gets its order at once, worker
+    1 nothing before it asks, then the order and the weights; the step applies the rank-order
+    sum of both gradients, in both of the actor's ways of moving bytes."""
+    from distbp.runtime.messages import Order, Sums, stats_vector
+    from distbp.runtime.server import ParameterServer
+
+    w0 = np.arange(4, dtype=np.float64)
+    ps = ParameterServer(w0, {"name": "sgd"}, layer_bounds=[(0, 0, 4)])
+    pairs = [socket.socketpair() for _ in range(2)]
+    beside, elsewhere = pairs[0][1], pairs[1][1]
+    g0, g1 = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 0.5, 0.5, 0.5])
+    ps.links, ps.peer_grads, ps.ready = [a for a, _ in pairs], [g0, None], [False, True]
+    ps.recv_buf = np.empty_like(ps.w)
+    ps.recv_bufs = [None, np.empty_like(ps.w)] if together else []
+    sums = [link.pack_sums(Sums(stats_vector(1.0, n, 0, 0.0, np.zeros(1)), None)) for n in (2, 3)]
+    infos = []
+    run = threading.Thread(target=lambda: infos.extend(ps.run([Order(1, 0.1, False, False, 5)])))
+    run.start()
+    beside.settimeout(10)
+    assert link.unpack_order(beside.recv(link.ORDER.size)).step == 1  # at once, no ask
+    elsewhere.settimeout(0.3)
+    with pytest.raises(TimeoutError):  # a wrong implementation sends the order and weights at once
+        elsewhere.recv(1)
+    elsewhere.settimeout(10)
+    elsewhere.sendall(link.READY)
+    head = link.recv_exact(elsewhere, link.ORDER.size)
+    weights = np.frombuffer(link.recv_exact(elsewhere, w0.nbytes), np.float64)
+    assert link.unpack_order(head).step == 1 and np.array_equal(weights, w0)
+    beside.sendall(sums[0])
+    elsewhere.sendall(g1.tobytes() + sums[1])
+    assert link.recv_exact(beside, link.ORDER.size) == link.END == link.recv_exact(elsewhere, link.ORDER.size)
+    run.join(timeout=10)
+    assert not run.is_alive() and [i.step for i in infos] == [1]
+    np.testing.assert_array_equal(ps.w, w0 - 0.1 * ((g0 + g1) / 5))
+    for a, b in pairs:
+        a.close()
+        b.close()
