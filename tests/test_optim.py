@@ -61,6 +61,28 @@ def test_state_is_flat_arrays_and_elementwise_slices_agree():
         assert np.array_equal(np.concatenate([left, right]), whole), name
 
 
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_a_step_taken_a_part_at_a_time_has_the_bits_of_a_whole_step(name):
+    """How a parameter actor steps its slice while the rest of the gradient is still coming in:
+    `begin` once, then `update` per part, here in no particular order. Over several steps the
+    weights and state are those of whole steps, to the bit (Adam's step count moves once a step)."""
+    rng = np.random.default_rng(1)
+    opt = optim.make(name, weight_decay=0.01)
+    w = rng.normal(size=1000).astype(np.float32)
+    whole, whole_state = w.copy(), opt.init_state(1000, np.float32)
+    parted, parted_state = w.copy(), opt.init_state(1000, np.float32)
+    cuts = [(0, 128), (512, 1000), (128, 300), (300, 512)]
+    for _ in range(5):
+        g = rng.normal(size=1000).astype(np.float32)
+        opt.step(whole, g.copy(), whole_state, lr=0.01)
+        opt.begin(parted_state)
+        scratch = g.copy()
+        for a, b in cuts:
+            opt.update(parted[a:b], scratch[a:b], parted_state, 0.01, slice(a, b))
+    assert np.array_equal(parted, whole)
+    assert all(np.array_equal(parted_state[k], whole_state[k]) for k in whole_state)
+
+
 def test_unknown_optimizer_is_refused():
     with pytest.raises(KeyError):
         optim.make("rmsprop")

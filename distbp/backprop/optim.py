@@ -12,7 +12,11 @@ import numpy as np
 
 class Optimizer:
     """Base: `init_state(n, dtype)` -> dict of flat arrays; `step(w, g, state, lr)` updates w
-    in place, where g is the mean gradient (it may be overwritten as scratch)."""
+    in place, where g is the mean gradient (it may be overwritten as scratch).
+
+    A step may also be taken a part at a time: `begin(state)` once (the step count), then
+    `update(w[part], g[part], state, lr, part)` for each part of the vector, in any order.
+    Every rule is elementwise, so that gives the bits of one `step`."""
 
     def __init__(self, weight_decay=0.0):
         self.weight_decay = float(weight_decay)
@@ -26,11 +30,19 @@ class Optimizer:
         return g
 
     def step(self, w, g, state, lr):
+        self.begin(state)
+        self.update(w, g, state, lr)
+
+    def begin(self, state):
+        """Count one more step (the state a whole step shares)."""
+
+    def update(self, w, g, state, lr, part=slice(None)):
+        """Update `w` (the slice `part` of the vector) from `g` (the same slice) in place."""
         raise NotImplementedError
 
 
 class SGD(Optimizer):
-    def step(self, w, g, state, lr):
+    def update(self, w, g, state, lr, part=slice(None)):
         g = self._decayed(w, g)
         g *= lr
         w -= g
@@ -44,9 +56,9 @@ class Momentum(Optimizer):
     def init_state(self, n, dtype):
         return {"velocity": np.zeros(n, dtype)}
 
-    def step(self, w, g, state, lr):
+    def update(self, w, g, state, lr, part=slice(None)):
         g = self._decayed(w, g)
-        v = state["velocity"]
+        v = state["velocity"][part]
         v *= self.momentum
         v += g
         if self.nesterov:  # step along g + mu v
@@ -67,10 +79,12 @@ class Adam(Optimizer):
     def init_state(self, n, dtype):
         return {"m": np.zeros(n, dtype), "v": np.zeros(n, dtype), "t": np.zeros(1, np.float64)}
 
-    def step(self, w, g, state, lr):
-        g = self._decayed(w, g)
-        m, v = state["m"], state["v"]
+    def begin(self, state):
         state["t"] += 1
+
+    def update(self, w, g, state, lr, part=slice(None)):
+        g = self._decayed(w, g)
+        m, v = state["m"][part], state["v"][part]
         t = state["t"][0]
         m *= self.beta1
         m += (1 - self.beta1) * g
