@@ -57,34 +57,36 @@ def test_what_is_read_next_can_depend_on_what_was_read():
     b.close()
 
 
-def test_a_held_link_sends_only_once_its_first_part_came_in():
-    """What a parameter actor does with a worker that asks for the weights (READY): nothing
-    goes out on that link before the ask, while the other link sends at once."""
-    (held, held_far), (free, free_far) = socket.socketpair(), socket.socketpair()
-    asked, answer = bytearray(1), bytearray(8)
-    result = []
-    run = threading.Thread(target=lambda: result.append(link.exchange(
-        sends=[(held, [b"weights!"]), (free, [b"at once!"])], recvs=[(held, [asked, answer])], held=[held])))
-    run.start()
-    assert free_far.recv(8) == b"at once!"
-    held_far.settimeout(0.2)
-    with pytest.raises(TimeoutError):  # nothing before the ask (a wrong implementation sends at once)
-        held_far.recv(8)
-    held_far.sendall(link.READY)
-    held_far.settimeout(10)
-    assert held_far.recv(8) == b"weights!"
-    held_far.sendall(b"gradient")
-    run.join(timeout=10)
-    assert not run.is_alive() and result == [None]
-    assert bytes(asked) == link.READY and bytes(answer) == b"gradient"
-    for c in (held, held_far, free, free_far):
-        c.close()
-
-
-def test_a_held_link_must_receive_first():
+def test_parts_put_while_the_exchange_runs_go_out_in_order_and_it_ends_once_closed():
+    """What a parameter actor does with the new weights: sent on part by part as the gradient
+    comes in. Each part put after a read goes out behind those before; nothing ends the
+    exchange before the Parts is closed."""
     a, b = socket.socketpair()
-    with pytest.raises(ValueError, match="a held link must receive first"):
-        link.exchange(sends=[(a, [b"x"])], held=[a])
+    outgoing, incoming = link.Parts([b"head"], closed=False), link.Parts([bytearray(4), bytearray(4)])
+
+    def after_read():
+        outgoing.put(b"part%d" % incoming.got)
+        if incoming.got == 8:
+            outgoing.close()
+
+    run = threading.Thread(target=link.exchange, kwargs=dict(sends=[(a, outgoing)], recvs=[(a, incoming)], on_recv=after_read))
+    run.start()
+    b.settimeout(10)
+    assert link.recv_exact(b, 4) == b"head"
+    b.sendall(b"1234")
+    assert link.recv_exact(b, 5) == b"part4"  # before the second part was sent
+    b.sendall(b"5678")
+    assert link.recv_exact(b, 5) == b"part8"
+    run.join(timeout=10)
+    assert not run.is_alive() and outgoing.done() and incoming.got == 8
+    a.close()
+    b.close()
+
+
+def test_an_open_parts_with_nothing_to_wait_for_is_refused():
+    a, b = socket.socketpair()
+    with pytest.raises(ValueError, match="an open Parts with nothing to send"):
+        link.exchange(sends=[(a, link.Parts([b"x"], closed=False))])
     a.close()
     b.close()
 
@@ -133,43 +135,107 @@ def test_link_set_up_without_the_workers_fails_in_one_line_after_its_timeout():
     silent.close()
 
 
-@pytest.mark.parametrize("together", [True, False], ids=["all-links-at-once", "one-worker-at-a-time"])
-def test_a_parameter_actor_sends_its_slice_to_a_worker_elsewhere_only_once_it_asks(together):
-    """A parameter actor with worker 0 beside it (its gradient in shared memory) and worker 1
-    on another node that asks with READY (per_worker): worker 0 gets its order at once, worker
-    1 nothing before it asks, then the order and the weights; the step applies the rank-order
-    sum of both gradients, in both of the actor's ways of moving bytes."""
-    from distbp.runtime.messages import Order, Sums, stats_vector
+def _actor_with_a_worker_beside_and_one_elsewhere(w0, together):
+    """A parameter actor with worker 0 beside it (its gradient in shared memory: here an
+    array) and worker 1 on another node, over socket pairs; (actor, its links' far ends)."""
     from distbp.runtime.server import ParameterServer
 
-    w0 = np.arange(4, dtype=np.float64)
-    ps = ParameterServer(w0, {"name": "sgd"}, layer_bounds=[(0, 0, 4)])
+    ps = ParameterServer(w0, {"name": "sgd"}, layer_bounds=[(0, 0, len(w0))])
     pairs = [socket.socketpair() for _ in range(2)]
-    beside, elsewhere = pairs[0][1], pairs[1][1]
-    g0, g1 = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 0.5, 0.5, 0.5])
-    ps.links, ps.peer_grads, ps.ready = [a for a, _ in pairs], [g0, None], [False, True]
-    ps.recv_buf = np.empty_like(ps.w)
+    ps.links = [a for a, _ in pairs]
+    ps.recv_buf, ps.sent_ahead = np.empty_like(ps.w), False
     ps.recv_bufs = [None, np.empty_like(ps.w)] if together else []
-    sums = [link.pack_sums(Sums(stats_vector(1.0, n, 0, 0.0, np.zeros(1)), None)) for n in (2, 3)]
+    for _, far in pairs:
+        far.settimeout(10)
+    return ps, [far for _, far in pairs]
+
+
+def _sums(rows):
+    from distbp.runtime.messages import Sums, stats_vector
+
+    return link.pack_sums(Sums(stats_vector(1.0, rows, 0, 0.0, np.zeros(1)), None))
+
+
+def _head(conn):
+    head = link.recv_exact(conn, link.ORDER.size)
+    return link.unpack_order(head).step, link.weights_follow(head)
+
+
+def test_a_parameter_actor_sends_each_part_of_its_new_slice_on_before_the_rest_of_the_gradient_is_in(monkeypatch):
+    """per_worker across nodes: while worker 1's gradient still comes in, the parts of the
+    slice already in from both workers are added in rank order, stepped, and sent to worker 1
+    behind the next step's header; worker 0, which reads shared memory, gets its header once
+    the whole slice has stepped. The window's end brings worker 1 the weights, and the next
+    window starts without them. The weights are those of whole-slice steps on the rank-order sum."""
+    from distbp.runtime import direct
+    from distbp.runtime.messages import Order
+
+    monkeypatch.setattr(direct, "PART_BYTES", 16)  # parts of 2 float64 values
+    w0 = np.arange(8, dtype=np.float64)
+    ps, (beside, elsewhere) = _actor_with_a_worker_beside_and_one_elsewhere(w0, together=True)
+    g0 = np.linspace(1, 2, 8)
+    ps.peer_grads = [g0, None]
+    g1 = [np.full(8, 0.5), np.full(8, -0.25)]
+    infos = []
+    run = threading.Thread(target=lambda: infos.extend(ps.run([Order(1, 0.1, False, False, 5), Order(2, 0.1, False, False, 5)])))
+    run.start()
+    assert _head(beside) == (1, False)
+    assert _head(elsewhere) == (1, True)
+    assert np.array_equal(np.frombuffer(link.recv_exact(elsewhere, 64), np.float64), w0)
+    w1 = w0 - 0.1 * ((g0 + g1[0]) / 5)
+    beside.sendall(_sums(2))
+    elsewhere.sendall(_sums(3) + g1[0][:4].tobytes())  # half of worker 1's gradient
+    assert _head(elsewhere) == (2, True)
+    assert np.array_equal(np.frombuffer(link.recv_exact(elsewhere, 32), np.float64), w1[:4])  # before the rest is sent
+    beside.setblocking(False)
+    with pytest.raises(BlockingIOError):  # worker 0 reads the whole slice: nothing for it yet
+        beside.recv(1)
+    beside.setblocking(True)
+    elsewhere.sendall(g1[0][4:].tobytes())
+    assert np.array_equal(np.frombuffer(link.recv_exact(elsewhere, 32), np.float64), w1[4:])
+    assert _head(beside) == (2, False)
+    beside.sendall(_sums(2))
+    elsewhere.sendall(_sums(3) + g1[1].tobytes())
+    w2 = w1 - 0.1 * ((g0 + g1[1]) / 5)
+    assert _head(beside) == (0, False) and _head(elsewhere) == (0, True)  # the window's end, and the weights
+    assert np.array_equal(np.frombuffer(link.recv_exact(elsewhere, 64), np.float64), w2)
+    run.join(timeout=10)
+    assert not run.is_alive() and [i.step for i in infos] == [1, 2]
+    np.testing.assert_array_equal(ps.w, w2)
+    run = threading.Thread(target=lambda: infos.extend(ps.run([Order(3, 0.1, False, False, 5)])))
+    run.start()
+    assert _head(beside) == (3, False) and _head(elsewhere) == (3, False)  # worker 1 holds them already
+    beside.sendall(_sums(2))
+    elsewhere.sendall(_sums(3) + g1[0].tobytes())
+    assert _head(beside) == (0, False) and _head(elsewhere) == (0, True)
+    np.testing.assert_array_equal(np.frombuffer(link.recv_exact(elsewhere, 64), np.float64), w2 - 0.1 * ((g0 + g1[0]) / 5))
+    run.join(timeout=10)
+    assert not run.is_alive() and [i.step for i in infos] == [1, 2, 3]
+    ps.disconnect()
+    beside.close()
+    elsewhere.close()
+
+
+def test_a_parameter_actor_one_worker_at_a_time_sends_the_weights_with_each_order():
+    """The other way of moving bytes (all workers on this node, or buffers over the budget):
+    worker 1 elsewhere gets the weights behind every order and none behind the window's end."""
+    from distbp.runtime.messages import Order
+
+    w0 = np.arange(4, dtype=np.float64)
+    ps, (beside, elsewhere) = _actor_with_a_worker_beside_and_one_elsewhere(w0, together=False)
+    g0, g1 = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 0.5, 0.5, 0.5])
+    ps.peer_grads = [g0, None]
     infos = []
     run = threading.Thread(target=lambda: infos.extend(ps.run([Order(1, 0.1, False, False, 5)])))
     run.start()
-    beside.settimeout(10)
-    assert link.unpack_order(beside.recv(link.ORDER.size)).step == 1  # at once, no ask
-    elsewhere.settimeout(0.3)
-    with pytest.raises(TimeoutError):  # a wrong implementation sends the order and weights at once
-        elsewhere.recv(1)
-    elsewhere.settimeout(10)
-    elsewhere.sendall(link.READY)
-    head = link.recv_exact(elsewhere, link.ORDER.size)
-    weights = np.frombuffer(link.recv_exact(elsewhere, w0.nbytes), np.float64)
-    assert link.unpack_order(head).step == 1 and np.array_equal(weights, w0)
-    beside.sendall(sums[0])
-    elsewhere.sendall(g1.tobytes() + sums[1])
-    assert link.recv_exact(beside, link.ORDER.size) == link.END == link.recv_exact(elsewhere, link.ORDER.size)
+    assert _head(beside) == (1, False) and _head(elsewhere) == (1, True)
+    assert np.array_equal(np.frombuffer(link.recv_exact(elsewhere, w0.nbytes), np.float64), w0)
+    beside.sendall(_sums(2))
+    elsewhere.sendall(_sums(3) + g1.tobytes())
+    assert _head(beside) == (0, False) == _head(elsewhere)
     run.join(timeout=10)
     assert not run.is_alive() and [i.step for i in infos] == [1]
     np.testing.assert_array_equal(ps.w, w0 - 0.1 * ((g0 + g1) / 5))
-    for a, b in pairs:
-        a.close()
-        b.close()
+    ps.disconnect()
+    beside.close()
+    elsewhere.close()

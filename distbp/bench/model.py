@@ -15,9 +15,11 @@ def scaling_model(report, bandwidth_gbit=10.0, workers=(1, 2, 4, 8, 16, 32, 64, 
     T(K, S) = work / (K * rate) + fixed + 2 max(P b / B, K P b / (S B))
     A worker reads the new weights (P b bytes) and then sends its gradient (P b); each
     parameter actor's node serves K P b / S and then receives as much. B is the link's rate in
-    TCP payload bytes/s (PAYLOAD_SHARE of its bit rate). The weights of a step go out before
-    its gradients can come back, and the next step's weights need every gradient, so a
-    full-duplex link never carries both halves of a step at once: the factor 2.
+    TCP payload bytes/s (PAYLOAD_SHARE of its bit rate). A step's gradients need its weights,
+    and the next weights need every gradient, so the model counts the two halves one after the
+    other: the factor 2. That is an upper bound: the direct engine sends the next step's
+    weights a part at a time while the gradients still come in (measured 0.59-0.72 of it
+    with one or two parameter actors over rate-limited links, docs/scaling.md).
     A ring all-reduce instead moves 2 (K - 1) / K * P b per worker, sending and receiving at
     once. So do parameter shards on the workers' nodes (per_worker, S = K): each node sends its
     slice to the K - 1 others while it receives theirs, then each gradient slice goes back the

@@ -26,13 +26,7 @@ MAX_WINDOW = 256
 FIRST_WINDOW = 8  # steps in a window before the step time is known
 CONNECT_S = 60
 RECV_BUDGET = 512 << 20  # bytes of per-worker gradient buffers a parameter actor may hold (see run)
-
-
-def pulls(shared):
-    """Whether a worker whose links to the parameter actors are `shared` (through shared
-    memory: an actor on its node) asks the others for each step's slice (READY): when it
-    has both kinds."""
-    return any(shared) and not all(shared)
+PART_BYTES = 128 << 10  # a parameter actor steps its slice, and sends it on, this much at a time
 
 
 class DirectWorker:
@@ -50,76 +44,63 @@ class DirectWorker:
             shm.attach(path, b - a, spec.np_dtype) if near and path else None
             for path, near, (a, b) in zip((e.segment for e in endpoints), same_node, self.slices)
         ]
+        zero_copy = len(self.shared_w) == 1 and self.shared_w[0] is not None  # serve reads the segment itself
+        self.weights = None if zero_copy else np.empty(spec.num_params, spec.np_dtype)  # kept between windows
         if any(w is not None for w in self.shared_w):
             self.grad_segment = shm.Segment(spec.num_params, spec.np_dtype)
             self.grad_out = self.grad_segment.array
-        self.pull = pulls([w is not None for w in self.shared_w])
         return self.grad_segment and self.grad_segment.path
 
     def serve(self):
         """Run steps as the parameter actors send them, until they end the window. Per step:
         each actor's order and weight slice in (through its socket, or already in its shared
-        segment), then this shard's gradient slices (through the socket, or written to this
-        worker's segment) and its Sums out. With more than one link, every link moves its bytes
-        at once (link.exchange): no actor waits for another's slice to pass.
-
-        A worker with a parameter actor on its own node and others elsewhere (per_worker) asks
-        those others for a step's slices (READY) only once its own actor has started the step.
-        That actor starts once every gradient slice of the last step is in, so the slices
-        coming in do not crowd this node's link while gradients for it still arrive."""
+        segment), then this shard's Sums and gradient slices (through the socket, or written to
+        this worker's segment) out. Sending a step's gradients and taking the next step's
+        orders and weights is one transfer (link.exchange): every link moves its bytes at once,
+        in both directions, so no actor waits for another's slice to pass, and an actor's new
+        weights may come in while this worker's gradients still go out. A window's end may
+        bring the weights the next window starts from (their header says so)."""
         links, shared, steps = self.links, self.shared_w, 0
         zero_copy = len(shared) == 1 and shared[0] is not None
+        heads = [bytearray(link.ORDER.size) for _ in links]
         try:
-            while links:
-                link.poll(links[0])
-                orders = self._orders_and_weights()
-                if not orders[0].step:  # every parameter actor ends the window together
+            if not links:
+                raise link.LinkError("no links to the parameter actors")
+            self._transfer(heads, [[] for _ in links], zero_copy)
+            while True:
+                order = link.unpack_order(bytes(heads[0]))
+                if not order.step:  # every parameter actor ends the window together
                     return steps
                 for (a, b), weights in zip(self.slices, shared):
                     if weights is not None and not zero_copy:
                         np.copyto(self.weights[a:b], weights)
-                grads, sums = split_step_returns(self._step(orders[0], shared[0] if zero_copy else self.weights, self.grad_out))
+                grads, sums = split_step_returns(self._step(order, shared[0] if zero_copy else self.weights, self.grad_out))
                 payload = link.pack_sums(sums)
-                outgoing = [[payload] if weights is not None else [link.as_bytes(np.ascontiguousarray(grad)), payload] for grad, weights in zip(grads, shared)]
-                if len(links) == 1:
-                    link.send(links[0], *outgoing[0])
-                else:
-                    link.exchange(sends=zip(links, outgoing))
-                if orders[0].evaluate and self.plan.rank == 1:
-                    faults.hit("worker_after_eval", orders[0].step)
+                outgoing = [[payload] if weights is not None else [payload, link.as_bytes(np.ascontiguousarray(grad))] for grad, weights in zip(grads, shared)]
+                self._transfer(heads, outgoing, zero_copy)
+                if order.evaluate and self.plan.rank == 1:
+                    faults.hit("worker_after_eval", order.step)
                 steps += 1
-            raise link.LinkError("no links to the parameter actors")
         except BaseException:
             self.disconnect()
             raise
 
-    def _orders_and_weights(self):
-        """Each parameter actor's order of the next step, and its weight slice when it comes
-        through the socket (read into place in self.weights)."""
-        heads = [bytearray(link.ORDER.size) for _ in self.links]
-        ask = range(len(self.links))
-        if self.pull:  # the order of the actors beside this worker first, then READY to the others
-            beside = [i for i, w in enumerate(self.shared_w) if w is not None]
-            ask = [i for i, w in enumerate(self.shared_w) if w is None]
-            for i in beside:
-                link.recv_into(self.links[i], memoryview(heads[i]).cast("B"))
-            if link.unpack_order(bytes(heads[beside[0]])).step:  # (not at the window's end)
-                for i in ask:
-                    link.send(self.links[i], link.READY)
+    def _transfer(self, heads, outgoing, zero_copy):
+        """Send `outgoing` on each link while reading each parameter actor's next header into
+        `heads`, and its weight slice into place in self.weights when the header says it follows."""
+        if zero_copy:  # one actor, beside this worker: nothing but the sums and the header cross
+            link.send(self.links[0], *outgoing[0])
+            link.poll(self.links[0])
+            link.recv_into(self.links[0], memoryview(heads[0]))
+            return
 
-        def parts(head, a, b, weights):
+        def parts(head, a, b):
             yield head
-            if weights is None and link.unpack_order(head).step:
+            if link.weights_follow(head):
                 yield link.as_bytes(self.weights[a:b])
 
-        incoming = [(self.links[i], parts(heads[i], *self.slices[i], self.shared_w[i])) for i in ask]
-        if len(incoming) == 1:
-            conn, views = incoming[0]
-            for view in views:
-                link.recv_into(conn, memoryview(view).cast("B"))
-        else:
-            link.exchange(recvs=incoming)
-        return [link.unpack_order(bytes(head)) for head in heads]
+        incoming = [parts(head, a, b) for head, (a, b) in zip(heads, self.slices)]
+        link.exchange(sends=zip(self.links, outgoing), recvs=zip(self.links, incoming), spin=link.POLL_S)
 
     def seal_segment(self):
         """Every parameter actor has mapped this worker's gradient segment: no other process
@@ -132,7 +113,7 @@ class DirectWorker:
         link.close(self.links)
         if getattr(self, "grad_segment", None):
             self.grad_segment.close()  # the mappings keep it until they end
-        self.links, self.shared_w, self.grad_out, self.grad_segment, self.pull = [], [], None, None, False
+        self.links, self.shared_w, self.grad_out, self.grad_segment = [], [], None, None
         return True
 
 
@@ -157,14 +138,13 @@ class DirectServer:
     def accept(self, num_workers, secret, timeout_s):
         self.links = link.accept(self.server_socket, num_workers, secret, timeout_s)
         self.recv_buf = np.empty_like(self.w)
+        self.sent_ahead = False  # the workers elsewhere hold this slice's current weights (run)
         return True
 
-    def attach(self, grad_paths, start, stop, ready=None):
+    def attach(self, grad_paths, start, stop):
         """Map the gradient segment of each worker on this node (paths in rank order, None for
-        the others); this actor's slice is [start, stop). `ready[k]`: worker k asks for each
-        step's slice with READY (DirectWorker.serve). Its own segment is sealed: every worker
-        has mapped it."""
-        self.ready = list(ready) if ready else [False] * len(grad_paths)
+        the others); this actor's slice is [start, stop). Its own segment is sealed: every
+        worker has mapped it."""
         self.peer_grads = [None if path is None else shm.attach(path, stop, self.w.dtype)[start:stop] for path in grad_paths]
         remote = [g is None for g in self.peer_grads]
         together = len(remote) > 1 and any(remote) and len(remote) * self.w.nbytes <= RECV_BUDGET
@@ -175,67 +155,103 @@ class DirectServer:
 
     def run(self, orders):
         """Carry out a window of steps over the links: per step, send the order (and this
-        slice's weights, to a worker on another node) to every worker, take their gradient
-        slices and Sums, add the slices in rank order, then step. Returns the StepInfos.
+        slice's weights, to a worker on another node) to every worker, take their Sums and
+        gradient slices, add the slices in rank order, then step. Returns the StepInfos.
 
-        When some worker is on another node, every link moves its bytes at once: the weights go
-        out to all workers together and each gradient is taken as it arrives, into a buffer of
-        its own (at most RECV_BUDGET bytes for all of them), then added in rank order; so a
-        node's link carries weights out and gradients in at the same time. Otherwise (all on
-        this node, or the buffers would not fit) one worker after the other, as a sum needs no
-        buffers: the first slice goes straight into the sum buffer and each next one is added."""
-        infos, weights = [], link.as_bytes(self.w)
+        When some worker is on another node, every link moves its bytes at once (`_pipelined`).
+        Otherwise (all on this node, or the buffers would not fit) one worker after the other
+        (`_one_by_one`)."""
+        infos = []
         try:
             if not self.links:
                 raise link.LinkError("no links to the workers")
-            for order in orders:
+            for i, order in enumerate(orders):
                 self._check_next(order)
-                head = link.pack_order(order)
                 if self.recv_bufs:
-                    sums = self._exchange(head, weights)
+                    following = orders[i + 1] if i + 1 < len(orders) else None
+                    infos.append(self._pipelined(order, following, first=i == 0))
                 else:
-                    sums = self._one_by_one(head, weights)
-                infos.append(self._step(order, *self._mean(sums, order), len(self.links)))
-            for conn in self.links:
-                link.send(conn, link.END)
+                    infos.append(self._step(order, *self._mean(self._one_by_one(order), order), len(self.links)))
+            if not self.recv_bufs:
+                for conn in self.links:
+                    link.send(conn, link.END)
         except BaseException:
             self.disconnect()  # the workers see the link close and stop too
             raise
         return infos
 
-    def _exchange(self, head, weights):
-        """One step's transfers on every link at once; self.grad = the rank-order sum. Returns the Sums."""
-        heads = [[head] if shared is not None else [head, weights] for shared in self.peer_grads]
+    def _pipelined(self, order, following, first):
+        """One step, every link moving its bytes at once, and the next step's weights sent on
+        while this step's gradients still come in. Each worker's Sums come first, then its
+        gradient slice, into a buffer of its own (at most RECV_BUDGET bytes for all of them).
+        As soon as the first PART_BYTES of every worker's slice are in, that part is added in
+        rank order, divided and stepped, and its new weights go out to the workers elsewhere,
+        behind the header of the `following` order (or the window's end: the next window
+        then starts without sending them again); and so on, part after part. A worker on
+        this node reads the weights from shared memory once the whole slice has stepped, so
+        its header comes last. The bits are those of stepping the whole slice at once.
+        Returns the step's StepInfo."""
+        remote = [g is None for g in self.peer_grads]
+        outgoing = [link.Parts(closed=False) for _ in self.links]
+        if first:  # this step's order (and weights, unless the last window's end brought them)
+            for box, far in zip(outgoing, remote):
+                box.put(link.pack_order(order, far and not self.sent_ahead))
+                if far and not self.sent_ahead:
+                    box.put(link.as_bytes(self.w))
+        for box, far in zip(outgoing, remote):
+            if far:
+                box.put(link.pack_order(following, True))
         raw = [bytearray(self.sums_size) for _ in self.links]
-        asked = [bytearray(len(link.READY)) if r else None for r in self.ready]
         grads = [shared if shared is not None else buf for shared, buf in zip(self.peer_grads, self.recv_bufs)]
-        incoming = [([a] if a is not None else []) + ([view] if shared is not None else [link.as_bytes(buf), view])
-                    for a, shared, buf, view in zip(asked, self.peer_grads, self.recv_bufs, raw)]
-        held = [conn for conn, a in zip(self.links, asked) if a is not None]
-        link.exchange(sends=zip(self.links, heads), recvs=zip(self.links, incoming), held=held)
-        if any(a is not None and bytes(a) != link.READY for a in asked):
-            raise link.LinkError("a worker sent something else than READY")
-        rank_order_sum(grads, self.grad)
-        return [link.unpack_sums(bytes(r)) for r in raw]
+        incoming = [link.Parts([r] if not far else [r, link.as_bytes(g)]) for r, far, g in zip(raw, remote, grads)]
+        size, itemsize = len(self.w), self.w.itemsize
+        part = max(1, PART_BYTES // itemsize)
+        progress = {"done": 0, "totals": None, "squares": None}
 
-    def _one_by_one(self, head, weights):
+        def step_parts():  # after each read: step every part that is now in from every worker
+            if progress["totals"] is None:
+                if any(box.got < self.sums_size for box in incoming):
+                    return
+                progress["totals"] = self._totals([link.unpack_sums(bytes(r)) for r in raw], order)
+                self._begin(order)
+            arrived = min((box.got - self.sums_size) // itemsize if far else size for box, far in zip(incoming, remote))
+            a = progress["done"]
+            while a < size and min(a + part, size) <= arrived:
+                b = min(a + part, size)
+                rank_order_sum([g[a:b] for g in grads], self.grad[a:b])
+                self._divide(progress["totals"], order, a, b)
+                scratch = self.grad[a:b].copy() if order.evaluate else self.grad[a:b]  # evaluate: norms below
+                self.opt.update(self.w[a:b], scratch, self.state, order.lr, slice(a, b))
+                for box, far in zip(outgoing, remote):
+                    if far:
+                        box.put(link.as_bytes(self.w[a:b]))
+                progress["done"] = a = b
+            if a == size and not outgoing[0].closed:
+                for box, far in zip(outgoing, remote):
+                    if not far:
+                        box.put(link.pack_order(following))
+                    box.close()
+
+        link.exchange(sends=zip(self.links, outgoing), recvs=zip(self.links, incoming), on_recv=step_parts)
+        self.sent_ahead = following is None
+        return self._applied(order, progress["totals"], self._squares(self.grad, order), len(self.links))
+
+    def _one_by_one(self, order):
         """One step's transfers a worker at a time; self.grad = the rank-order sum. Returns the Sums."""
-        links = list(zip(self.links, self.peer_grads, self.ready))
-        for conn, shared, ready in sorted(links, key=lambda t: t[1] is None):  # the workers beside it first
+        head, weights = link.pack_order(order), link.as_bytes(self.w)
+        for conn, shared in sorted(zip(self.links, self.peer_grads), key=lambda t: t[1] is None):  # those beside it first
             if shared is None:  # a worker on another node gets the weights with the order
-                if ready and link.recv_exact(conn, len(link.READY)) != link.READY:
-                    raise link.LinkError("a worker sent something else than READY")
-                link.send(conn, head, weights)
+                link.send(conn, link.pack_order(order, True), weights)
             else:
                 link.send(conn, head)
         sums = []
 
         def arriving():  # each worker's slice in rank order, read once the one before is added
             for k, (conn, shared) in enumerate(zip(self.links, self.peer_grads)):
+                sums.append(link.unpack_sums(link.recv_exact(conn, self.sums_size)))
                 if shared is None:  # through the socket: the first straight into the sum buffer
                     shared = self.grad if k == 0 else self.recv_buf
                     link.recv_into(conn, link.as_bytes(shared))
-                sums.append(link.unpack_sums(link.recv_exact(conn, self.sums_size)))
                 yield shared
 
         rank_order_sum(arriving(), self.grad)
@@ -271,8 +287,7 @@ class DirectEngine:
         paths = get([w.connect.remote(endpoints, secret, CONNECT_S, [row[k] for row in near]) for k, w in enumerate(workers)] + accepted)
         shared = [[bool(near[i][k] and endpoints[i].segment) for i in range(len(servers))] for k in range(len(workers))]
         get([
-            s.attach.remote([p if shared[k][i] else None for k, p in enumerate(paths[: len(workers)])], a, b,
-                            [pulls(shared[k]) and not shared[k][i] for k in range(len(workers))])
+            s.attach.remote([p if shared[k][i] else None for k, p in enumerate(paths[: len(workers)])], a, b)
             for i, (s, (a, b)) in enumerate(zip(servers, self.actors.slices))
         ])
         get([w.seal_segment.remote() for w in workers])  # mapped by all: no process may open one now

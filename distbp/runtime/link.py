@@ -2,12 +2,11 @@
 engine: each worker holds one connection to each parameter actor, opened once per run (and
 again after a failure) with a per-run secret, then carries every step of a window.
 
-Nothing on the wire is pickled. Per step, parameter actor i sends each worker an order header
-and its weight slice (raw bytes); the worker answers with its gradient slice (raw bytes) and its
-sums as a fixed-size float64 vector. A header with step 0 ends the window. A worker beside a
-parameter actor of its own that also has links to actors on other nodes first asks each of
-those for the step's weights with one READY byte (see DirectWorker.serve). A parameter actor
-listens on its node's Ray address: 127.0.0.1 for an embedded or loopback Ray.
+Nothing on the wire is pickled. Per step, parameter actor i sends each worker an order header,
+followed by its weight slice (raw bytes) when the header says so; the worker answers with its
+sums as a fixed-size float64 vector, then its gradient slice (raw bytes). A header with step 0
+ends the window; it too may be followed by the weights (those the next window starts from). A
+parameter actor listens on its node's Ray address: 127.0.0.1 for an embedded or loopback Ray.
 """
 
 import hmac
@@ -15,15 +14,14 @@ import select
 import socket
 import struct
 import time
+from collections import deque
 
 import numpy as np
 
 from distbp.runtime.messages import Order, Sums, stats_size
 
-ORDER = struct.Struct("<qd??q")  # step (0 = end of window), lr, evaluate, keep, rows
+ORDER = struct.Struct("<qd??q?")  # step (0 = end of window), lr, evaluate, keep, rows; the weights follow
 HELLO = struct.Struct("<q32s")  # worker rank, the run's secret
-END = ORDER.pack(0, 0.0, False, False, 0)
-READY = b"R"  # a worker asks a parameter actor on another node for the next step's weights
 KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}  # a dead peer shows in ~25 s
 # ... also while data is in flight to it, when keepalive does not run: without this, a peer whose
 # network is gone (cable, switch, VM lost) shows only after TCP's retransmissions give up, about
@@ -141,32 +139,37 @@ def recv_into(conn, view):
         raise LinkError(str(err)) from None
 
 
-def exchange(sends=(), recvs=(), held=()):
+def exchange(sends=(), recvs=(), on_recv=None, spin=0.0):
     """Carry out every transfer at once, each link busy in both directions: for each
     (conn, parts) of `sends` send its byte views in order, and for each (conn, parts) of
-    `recvs` fill its writable byte views in order. `recvs` parts may be a generator, so that
-    what is read next can depend on what came before (it resumes once the view it yielded is
-    full). No peer waits for another, so a slow link holds back only its own bytes. A link in
-    `held` sends nothing until the first part it receives is full (a worker's READY). LinkError
-    when a peer is gone."""
-    out = {conn: _Parts(parts) for conn, parts in sends}
-    inn = {conn: _Parts(parts) for conn, parts in recvs}
-    out = {c: t for c, t in out.items() if t.current() is not None}
+    `recvs` fill its writable byte views in order. No peer waits for another, so a slow link
+    holds back only its own bytes. LinkError when a peer is gone.
+
+    `parts` may be a Parts, which the caller can read (`got`) and add to while the exchange
+    runs: `on_recv()` is called after each read, and may `put` more parts on an open Parts;
+    the exchange ends once every Parts is closed and sent. `recvs` parts may be a generator,
+    so that what is read next can depend on what came before (it resumes once the view it
+    yielded is full). With only reads left, it polls for `spin` seconds before it sleeps."""
+    out = {conn: p if isinstance(p, Parts) else Parts(p) for conn, p in sends}
+    inn = {conn: p if isinstance(p, Parts) else Parts(p) for conn, p in recvs}
     inn = {c: t for c, t in inn.items() if t.current() is not None}
-    held = set(held) & set(out)
-    if not held <= set(inn):
-        raise ValueError("a held link must receive first")
+    spin_until = None
     try:
-        while out or inn:
-            readable, writable, _ = select.select(list(inn), [c for c in out if c not in held], [])
+        while inn or any(not t.done() for t in out.values()):
+            writable = [c for c, t in out.items() if t.current() is not None]
+            if not writable and not inn:
+                raise ValueError("an open Parts with nothing to send, and nothing to receive")
+            timeout = None
+            if spin and not writable:
+                spin_until = spin_until or time.perf_counter() + spin
+                timeout = 0 if time.perf_counter() < spin_until else None
+            readable, writable, _ = select.select(list(inn), writable, [], timeout)
             for conn in writable:
                 t = out[conn]
                 try:
                     t.advance(conn.send(t.view, socket.MSG_DONTWAIT))
                 except BlockingIOError:
                     continue
-                if t.current() is None:
-                    del out[conn]
             for conn in readable:
                 t = inn[conn]
                 try:
@@ -176,36 +179,47 @@ def exchange(sends=(), recvs=(), held=()):
                 if n == 0:
                     raise LinkError("the peer closed the link")
                 t.advance(n)
-                finished = t.current() is None
-                if conn in held and (finished or t.filled):
-                    held.discard(conn)
-                if finished:
+                if t.current() is None:
                     del inn[conn]
+            if readable and on_recv is not None:
+                on_recv()
     except OSError as err:  # LinkError is one too: passed on as it is
         raise err if isinstance(err, LinkError) else LinkError(str(err)) from None
 
 
-class _Parts:
-    """The views one link still has to send or fill, the current one first."""
+class Parts:
+    """The byte views one link sends or fills, in order: those given first (a list or a
+    generator), then those `put` later while it is open. `got` counts the bytes done."""
 
-    __slots__ = ("parts", "view", "filled")
+    __slots__ = ("parts", "later", "view", "got", "closed")
 
-    def __init__(self, parts):
-        self.parts, self.view, self.filled = iter(parts), None, 0  # filled: parts done
+    def __init__(self, parts=(), closed=True):
+        self.parts, self.later, self.view, self.got, self.closed = iter(parts), deque(), None, 0, closed
+
+    def put(self, part):
+        self.later.append(part)
+
+    def close(self):
+        self.closed = True
 
     def current(self):
+        """The view to send or fill now; None when there is none (yet)."""
         while self.view is None or not len(self.view):
-            if self.view is not None:
-                self.filled += 1
             part = next(self.parts, None)
             if part is None:
-                self.view = None
-                return None
+                if not self.later:
+                    self.view = None
+                    return None
+                part = self.later.popleft()
             self.view = memoryview(part).cast("B")
         return self.view
 
     def advance(self, n):
         self.view = self.view[n:]
+        self.got += n
+
+    def done(self):
+        return self.closed and self.current() is None
 
 
 def send(conn, *parts):
@@ -230,12 +244,23 @@ def as_bytes(array):
     return memoryview(array).cast("B")
 
 
-def pack_order(order):
-    return ORDER.pack(order.step, order.lr, order.evaluate, order.keep, order.rows)
+def pack_order(order, weights=False):
+    """The header of `order` (None: the end of the window); `weights`: the weight slice follows."""
+    if order is None:
+        return ORDER.pack(0, 0.0, False, False, 0, weights)
+    return ORDER.pack(order.step, order.lr, order.evaluate, order.keep, order.rows, weights)
+
+
+END = pack_order(None)
 
 
 def unpack_order(data):
-    return Order(*ORDER.unpack(data))
+    return Order(*ORDER.unpack(data)[:-1])
+
+
+def weights_follow(data):
+    """Whether the weight slice follows the header `data`."""
+    return ORDER.unpack(data)[-1]
 
 
 def sums_size(num_layers):

@@ -68,22 +68,37 @@ class ParameterServer(DirectServer):
 
     def _mean(self, sums, order):
         """self.grad holds the rank-order sum of the slices: check it, divide by the row count."""
+        totals = self._totals(sums, order)
+        self._divide(totals, order, 0, len(self.grad))
+        return self.grad, totals
+
+    def _totals(self, sums, order):
+        """The workers' Sums added, once they are checked: they cover the step's rows, and the
+        loss is finite."""
         totals = add_sums(sums)
-        step = None if order is None else order.step
         if order is not None and order.rows and rows_of(totals[0]) != order.rows:
             # the shards must partition the step's rows: a gap or an overlap (after a
             # resharding, say) would divide the wrong sum by the wrong count
             raise TrainingError(
-                f"step {step}: the gradients of {count(len(sums), 'worker')} cover {count(int(rows_of(totals[0])), 'row')}, the step has {order.rows}",
+                f"step {order.step}: the gradients of {count(len(sums), 'worker')} cover {count(int(rows_of(totals[0])), 'row')}, the step has {order.rows}",
                 hint="the shards no longer partition the training rows (a bug); the step was not applied, continue with --resume",
             )
-        if not np.isfinite(loss_sum_of(totals[0])) or not np.isfinite(self.grad).all():
-            raise TrainingError(
-                f"training diverged at step {step}: the loss or gradient is NaN or inf",
-                hint="lower train.optimizer.lr",
-            )
-        self.grad /= rows_of(totals[0])
-        return self.grad, totals
+        if not np.isfinite(loss_sum_of(totals[0])):
+            raise self._diverged(order)
+        return totals
+
+    def _divide(self, totals, order, a, b):
+        """self.grad[a:b] holds the rank-order sum: check that it is finite, divide by the rows."""
+        if not np.isfinite(self.grad[a:b]).all():
+            raise self._diverged(order)
+        self.grad[a:b] /= rows_of(totals[0])
+
+    @staticmethod
+    def _diverged(order):
+        return TrainingError(
+            f"training diverged at step {None if order is None else order.step}: the loss or gradient is NaN or inf",
+            hint="lower train.optimizer.lr",
+        )
 
     def apply(self, order, num_workers, *parts):
         """Assemble the mean gradient and take one optimizer step. Returns a StepInfo. Only
@@ -97,11 +112,24 @@ class ParameterServer(DirectServer):
             raise TrainingError(f"parameter actor: asked to apply step {order.step} after step {self.step}")
 
     def _step(self, order, grad, totals, num_workers):
-        train, val, slowest = totals
-        squares = np.array([np.dot(grad[a:b], grad[a:b]) for _, a, b in self.layer_bounds] if order.evaluate else [])
+        squares = self._squares(grad, order)
+        self._begin(order)
+        self.opt.update(self.w, grad, self.state, order.lr)
+        return self._applied(order, totals, squares, num_workers)
+
+    def _squares(self, grad, order):
+        """Per layer, the squared norm of this slice's part of the mean gradient (evaluate steps)."""
+        return np.array([np.dot(grad[a:b], grad[a:b]) for _, a, b in self.layer_bounds] if order.evaluate else [])
+
+    def _begin(self, order):
+        """Before the first update of a step (which may come a part at a time)."""
         if order.keep:
             self.kept = (order.step, self.w.copy())
-        self.opt.step(self.w, grad, self.state, order.lr)
+        self.opt.begin(self.state)
+
+    def _applied(self, order, totals, squares, num_workers):
+        """After the last update of a step: record it. Returns its StepInfo."""
+        train, val, slowest = totals
         self.step = order.step
         self.recent.append(StepInfo(order.step, train, val, slowest, squares, time.time(), num_workers))
         return self.recent[-1]

@@ -58,7 +58,7 @@ class ShardWorker(DirectWorker):
         self._limits = threadpool_limits(limits=max(1, int(plan.threads)), user_api="blas")
         self.raw = {}
         self.workspace = None
-        self.weights = np.empty(plan.spec.num_params, plan.spec.np_dtype)
+        self.gathered = None  # the slices put together, for a step or evaluation sent as tasks
         self.links = []  # one per parameter actor, for the direct engine
 
     def ping(self):
@@ -158,9 +158,11 @@ class ShardWorker(DirectWorker):
     def _params(self, weights):
         if len(weights) == 1:
             return weights[0]  # zero-copy, read-only view of the object-store buffer
+        if self.gathered is None:
+            self.gathered = np.empty(self.plan.spec.num_params, self.plan.spec.np_dtype)
         for (a, b), part in zip(self.slices, weights):
-            self.weights[a:b] = part
-        return self.weights
+            self.gathered[a:b] = part
+        return self.gathered
 
     def batch_rows(self, step):
         """Ordinals (among all training rows) of this worker's rows in step `step`."""
