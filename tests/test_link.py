@@ -239,3 +239,16 @@ def test_a_parameter_actor_one_worker_at_a_time_sends_the_weights_with_each_orde
     ps.disconnect()
     beside.close()
     elsewhere.close()
+
+
+def test_an_empty_window_still_ends_on_every_link():
+    """A window of no steps: every worker gets the window's end (it would wait for ever else),
+    without weights, in both of the actor's ways of moving bytes."""
+    for together in (True, False):
+        ps, (beside, elsewhere) = _actor_with_a_worker_beside_and_one_elsewhere(np.arange(4, dtype=np.float64), together)
+        ps.peer_grads = [np.zeros(4), None]
+        assert ps.run([]) == []
+        assert _head(beside) == (0, False) == _head(elsewhere)
+        ps.disconnect()
+        beside.close()
+        elsewhere.close()

@@ -172,7 +172,7 @@ class DirectServer:
                     infos.append(self._pipelined(order, following, first=i == 0))
                 else:
                     infos.append(self._step(order, *self._mean(self._one_by_one(order), order), len(self.links)))
-            if not self.recv_bufs:
+            if not self.recv_bufs or not orders:  # (else the last step sent it, with the weights)
                 for conn in self.links:
                     link.send(conn, link.END)
         except BaseException:
@@ -206,7 +206,7 @@ class DirectServer:
         incoming = [link.Parts([r] if not far else [r, link.as_bytes(g)]) for r, far, g in zip(raw, remote, grads)]
         size, itemsize = len(self.w), self.w.itemsize
         part = max(1, PART_BYTES // itemsize)
-        progress = {"done": 0, "totals": None, "squares": None}
+        progress = {"done": 0, "totals": None}
 
         def step_parts():  # after each read: step every part that is now in from every worker
             if progress["totals"] is None:
