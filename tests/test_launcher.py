@@ -175,12 +175,35 @@ def alive_nodes(laptop):
 
 
 def embedded(job, data_dir, out):
-    """The same job on an embedded Ray, with the same worker count."""
-    job = {**job, "data": {**job["data"], "path": str(data_dir / "spirals.parquet")}}
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(job))
-    subprocess.run([sys.executable, "-m", "distbp", "run", str(path), "--out", str(out), "--quiet"], check=True, capture_output=True, timeout=300)
-    return out / "model.npz"
+    """The same job on an embedded Ray, with the same worker count: its model.npz."""
+    with Embedded(job, data_dir, out) as run:
+        return run.model(timeout=300)
+
+
+class Embedded:
+    """`embedded`, running in the background until `model` waits for it; leaving the `with`
+    block ends it if it still runs."""
+
+    def __init__(self, job, data_dir, out):
+        job = {**job, "data": {**job["data"], "path": str(data_dir / "spirals.parquet")}}
+        path = out.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(job))
+        self.out = out
+        self.proc = subprocess.Popen([sys.executable, "-m", "distbp", "run", str(path), "--out", str(out), "--quiet"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def model(self, timeout):
+        _, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, err[-3000:]
+        return self.out / "model.npz"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def submit(c, job, name, extra=()):
@@ -398,31 +421,34 @@ def test_elastic_run_shrinks_when_a_host_leaves_and_grows_when_it_returns(cluste
     and the weights are the one-process weights within float tolerance."""
     hosts = cluster["hosts"]
     wait_for(lambda: alive_nodes(cluster["laptop"]) == len(hosts.hosts), 300, "every host to be back")
-    name = submit(cluster, ELASTIC, "elastic-1")
-    metrics = head_path(cluster, "runs", name, "metrics.csv")
-    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 500, 300, "the run to get going")
-    victim = next(hosts.hosts[i - 1] for i in sorted(worker_hosts(cluster, name)) if i != 1)
-    victim.link(False)
-    try:
-        wait_for(lambda: "going on with 3 workers" in cluster["laptop"].ray("job", "logs", name).stdout, 180, "the run to shrink")
-    finally:
-        victim.link(True)
-    wait_for(lambda: job_status(cluster, name) in ("SUCCEEDED", "FAILED", "STOPPED"), 900, "the run to finish")
-    logs = cluster["laptop"].ray("job", "logs", name).stdout
-    assert job_status(cluster, name) == "SUCCEEDED", logs[-3000:]
-    assert "capacity back: going on with 4 workers instead of 3" in logs, logs[-3000:]
-    fetched = fetch(cluster, name)
-    rows = list(csv.DictReader(open(fetched / "metrics.csv")))
-    assert [int(r["step"]) for r in rows] == list(range(1, 40001))
-    counts = [int(r["workers"]) for r in rows]
-    changes = [c for i, c in enumerate(counts) if i == 0 or c != counts[i - 1]]
-    # auto across hosts is per_worker: the lost host held a slice, so every slice came back from
-    # the newest checkpoint (the seeded start when none was written yet) and the steps since were
-    # done again on 3 workers; the rows before the checkpoint keep their 4.
-    restored = re.findall(r"parameter actors restored from step (\d+)", logs)
-    assert restored, logs[-3000:]
-    assert changes == ([4] if int(restored[0]) > 0 else []) + [3, 4], (changes, restored)
-    one = model_arrays(embedded({**ELASTIC, "cluster": {"workers": 1}}, cluster["data"], cluster["tmp"] / "embedded-elastic"))
+    # The one-process run (1 worker, embedded Ray: about 5 minutes of compute) runs beside the
+    # cluster's, which spends most of its time waiting for the hosts.
+    with Embedded({**ELASTIC, "cluster": {"workers": 1}}, cluster["data"], cluster["tmp"] / "embedded-elastic") as reference:
+        name = submit(cluster, ELASTIC, "elastic-1")
+        metrics = head_path(cluster, "runs", name, "metrics.csv")
+        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 500, 300, "the run to get going")
+        victim = next(hosts.hosts[i - 1] for i in sorted(worker_hosts(cluster, name)) if i != 1)
+        victim.link(False)
+        try:
+            wait_for(lambda: "going on with 3 workers" in cluster["laptop"].ray("job", "logs", name).stdout, 180, "the run to shrink")
+        finally:
+            victim.link(True)
+        wait_for(lambda: job_status(cluster, name) in ("SUCCEEDED", "FAILED", "STOPPED"), 900, "the run to finish")
+        logs = cluster["laptop"].ray("job", "logs", name).stdout
+        assert job_status(cluster, name) == "SUCCEEDED", logs[-3000:]
+        assert "capacity back: going on with 4 workers instead of 3" in logs, logs[-3000:]
+        fetched = fetch(cluster, name)
+        rows = list(csv.DictReader(open(fetched / "metrics.csv")))
+        assert [int(r["step"]) for r in rows] == list(range(1, 40001))
+        counts = [int(r["workers"]) for r in rows]
+        changes = [c for i, c in enumerate(counts) if i == 0 or c != counts[i - 1]]
+        # auto across hosts is per_worker: the lost host held a slice, so every slice came back from
+        # the newest checkpoint (the seeded start when none was written yet) and the steps since were
+        # done again on 3 workers; the rows before the checkpoint keep their 4.
+        restored = re.findall(r"parameter actors restored from step (\d+)", logs)
+        assert restored, logs[-3000:]
+        assert changes == ([4] if int(restored[0]) > 0 else []) + [3, 4], (changes, restored)
+        one = model_arrays(reference.model(timeout=1200))
     got = model_arrays(fetched / "model.npz")
     weights = [k for k in one if k[0] in "Wb" and k[1:].isdigit()]
     assert weights
