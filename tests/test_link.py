@@ -252,3 +252,38 @@ def test_an_empty_window_still_ends_on_every_link():
         ps.disconnect()
         beside.close()
         elsewhere.close()
+
+
+def test_a_gradient_that_turns_infinite_part_way_leaves_an_actor_that_refuses_to_go_on(monkeypatch):
+    """A finite loss, and an infinite value in the second part of worker 1's gradient: the
+    first part has stepped (and gone out) when the second is checked. The step ends with the
+    divergence error, and the actor, whose slice is now torn, gives the same error for any
+    later step or snapshot instead of stepping on from it or checkpointing it."""
+    from distbp.errors import TrainingError
+    from distbp.runtime import direct
+    from distbp.runtime.messages import Order
+
+    monkeypatch.setattr(direct, "PART_BYTES", 16)
+    ps, (beside, elsewhere) = _actor_with_a_worker_beside_and_one_elsewhere(np.arange(4, dtype=np.float64), together=True)
+    ps.peer_grads = [np.ones(4), None]
+    errors = []
+
+    def run():
+        try:
+            ps.run([Order(1, 0.1, False, False, 5)])
+        except TrainingError as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert _head(beside) == (1, False) and _head(elsewhere) == (1, True)
+    link.recv_exact(elsewhere, 32)
+    beside.sendall(_sums(2))
+    elsewhere.sendall(_sums(3) + np.array([1.0, 1.0, np.inf, 1.0]).tobytes())
+    thread.join(timeout=10)
+    assert not thread.is_alive() and len(errors) == 1 and "diverged at step 1" in errors[0].message
+    for again in (lambda: ps.run([Order(1, 0.1, False, False, 5)]), ps.snapshot):
+        with pytest.raises(TrainingError, match="diverged at step 1"):
+            again()
+    beside.close()
+    elsewhere.close()

@@ -196,6 +196,24 @@ def test_divergence_stops_at_the_step_and_keeps_the_good_model(ray_session, make
         assert np.all(np.isfinite(params))
 
 
+def test_a_window_that_failed_reports_a_parameter_actors_own_error_before_the_lost_links(ray_session):
+    """A parameter actor whose step diverged closes its links, so the others fail with a lost
+    link too, and Ray gives the first error in the list: the engine raises the divergence
+    (not recoverable) wherever it stands, never a lost link (which would replay the step)."""
+    from distbp.errors import TrainingError
+    from distbp.runtime.direct import DirectEngine
+    from distbp.runtime.link import LinkError
+
+    @ray_session.remote
+    def fails(err):
+        raise err
+
+    refs = [fails.remote(LinkError("the peer closed the link")), fails.remote(TrainingError("training diverged at step 7: the loss or gradient is NaN or inf"))]
+    with pytest.raises(TrainingError, match="diverged at step 7"):
+        DirectEngine._own_error(refs)
+    DirectEngine._own_error([fails.remote(LinkError("the peer closed the link"))])  # none of its own: nothing raised
+
+
 @pytest.mark.parametrize("servers", ["1", "per_worker"])
 def test_capacity_gone_for_good_checkpoints_and_stops_with_the_way_out(baseline, tmp_path, servers):
     """With the parameter actor on the driver's node, the last applied step is saved before the

@@ -16,6 +16,7 @@ import secrets
 import numpy as np
 
 from distbp import faults
+from distbp.errors import DistbpError, TrainingError
 from distbp.runtime import link, shm
 from distbp.runtime.calls import CONTROL, get, unwrap
 from distbp.runtime.link import LinkError
@@ -163,6 +164,8 @@ class DirectServer:
         (`_one_by_one`)."""
         infos = []
         try:
+            if self.torn is not None:
+                raise self.torn
             if not self.links:
                 raise link.LinkError("no links to the workers")
             for i, order in enumerate(orders):
@@ -189,8 +192,10 @@ class DirectServer:
         behind the header of the `following` order (or the window's end: the next window
         then starts without sending them again); and so on, part after part. A worker on
         this node reads the weights from shared memory once the whole slice has stepped, so
-        its header comes last. The bits are those of stepping the whole slice at once.
-        Returns the step's StepInfo."""
+        its header comes last. The bits are those of stepping the whole slice at once. A part
+        whose gradient is not finite ends the step with the divergence error; as the parts
+        before it have moved, this actor then refuses every later step and snapshot with that
+        error, so nothing torn is checkpointed or stepped on. Returns the step's StepInfo."""
         remote = [g is None for g in self.peer_grads]
         outgoing = [link.Parts(closed=False) for _ in self.links]
         if first:  # this step's order (and weights, unless the last window's end brought them)
@@ -219,7 +224,11 @@ class DirectServer:
             while a < size and min(a + part, size) <= arrived:
                 b = min(a + part, size)
                 rank_order_sum([g[a:b] for g in grads], self.grad[a:b])
-                self._divide(progress["totals"], order, a, b)
+                try:
+                    self._divide(progress["totals"], order, a, b)
+                except TrainingError as err:  # the parts before (and Adam's count) have moved:
+                    self.torn = err  # this actor refuses every later step and snapshot
+                    raise
                 scratch = self.grad[a:b].copy() if order.evaluate else self.grad[a:b]  # evaluate: norms below
                 self.opt.update(self.w[a:b], scratch, self.state, order.lr, slice(a, b))
                 for box, far in zip(outgoing, remote):
@@ -300,11 +309,31 @@ class DirectEngine:
         serving, running = handle
         try:
             per_server = get(running)
+        except Exception:
+            self._settle(serving)
+            self._own_error(running)
+            raise
         except BaseException:
             self._settle(serving)
             raise
         get(serving)
         return [list(infos) for infos in zip(*per_server)]
+
+    @staticmethod
+    def _own_error(running):
+        """After a failed window: raise a parameter actor's own error (a diverged step, say),
+        if one had one, rather than the lost links it left the others with."""
+        import ray
+
+        ray.wait(running, num_returns=len(running), timeout=5)
+        for ref in running:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(unwrap(err), DistbpError):
+                    raise unwrap(err) from None
+            except Exception:  # lost, or still winding down
+                pass
 
     def _settle(self, serving):
         """After a failed window: wait (briefly) for the workers' serve calls to end, and raise a

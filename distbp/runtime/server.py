@@ -29,6 +29,7 @@ class ParameterServer(DirectServer):
         self.step = step  # the last step applied
         self.kept = None  # (step, input weights) of the last step applied with order.keep
         self.recent = deque(maxlen=RECENT)  # the StepInfos of the last steps applied
+        self.torn = None  # the error of a step that diverged part-way (see DirectServer._pipelined)
         self.best_params = None if best_params is None else np.array(best_params)  # early stopping: the best step's weights
 
     def ping(self):
@@ -152,4 +153,6 @@ class ParameterServer(DirectServer):
 
     def snapshot(self):
         """This slice's Snapshot, for a checkpoint."""
+        if self.torn is not None:
+            raise self.torn
         return Snapshot(np.array(self.w), dict(self.state), self.best_params)
