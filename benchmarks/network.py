@@ -3,7 +3,9 @@
 Makes hosts on this machine (network namespaces on a private bridge, tests/hosts.py), starts
 a Ray cluster on them, limits every host's link to a rate with a token bucket, runs one distbp
 job for each (rate, K workers, S parameter actors) and prints the measured time per step
-beside what `distbp bench --model` predicts for the same K, S, P and B. Needs root on Linux.
+beside what `distbp bench --model` predicts for the same K, S, P and B, and the megabytes
+the busiest host sent and received per step (its interface's counters: TCP/IP headers,
+acknowledgements and Ray's own messages included). Needs root on Linux.
 
     sudo .venv/bin/python benchmarks/network.py [--rates 100mbit,1gbit] [--workers 2,3]
         [--servers 1,2,per_worker] [--peers ddp] [--repeats 3] [--layers 256,1024,256,10]
@@ -166,6 +168,20 @@ def run_ddp(cluster, layers, rows, workers, steps, venv):
     return json.loads(outs[0].stdout.strip().splitlines()[-1])["sec_per_step"]
 
 
+def link_bytes(hosts):
+    """[(sent, received)] bytes of each host's interface so far (its counters in /sys)."""
+    stats = "/sys/class/net/eth0/statistics"
+    return [tuple(int(v) for v in h.run(f"cat {stats}/tx_bytes {stats}/rx_bytes").stdout.split()) for h in hosts]
+
+
+def busiest(point):
+    """The most MB a host sent, and received, per step (median over the runs); None for a
+    point of an earlier --json file, which did not count them."""
+    if "mb_per_step" not in point:
+        return None
+    return tuple(statistics.median(max(host[i] for host in run) for run in point["mb_per_step"]) for i in (0, 1))
+
+
 def predict(report, rate, workers, servers):
     """bench.scaling_model's seconds per step at (K, S) (S per_worker, or ddp: the ring), or
     compute + fixed only (rate 'none')."""
@@ -199,13 +215,16 @@ def table(report, points):
     lines = [
         f"P = {report['spec']['num_params']:,} parameters ({f['param_bytes'] / 1e6:.2f} MB), N = {report['spec']['rows']} rows; "
         f"compute {f['rate_gflops_per_core']:.1f} GFLOP/s per core, fixed {f['fixed_sec'] * 1e3:.2f} ms per step (one node)",
-        f"{'link':>8}  {'K':>2}  {'S':>10}  {'predicted s':>11}  {'serial bound s':>14}  {'measured s':>10}  {'runs':>24}  {'measured/predicted':>18}  load",
+        f"{'link':>8}  {'K':>2}  {'S':>10}  {'predicted s':>11}  {'serial bound s':>14}  {'measured s':>10}  {'runs':>24}  {'measured/predicted':>18}  "
+        f"{'MB/step out, in':>15}  load",
     ]
     for p in points:
         runs = " ".join(f"{s:.3f}" for s in p["runs"])
         low = serial_bound(report, p["rate"], p["workers"], p["servers"])
+        most = busiest(p)
+        moved = f"{most[0]:.2f}, {most[1]:.2f}" if most else "-"
         lines.append(f"{p['rate']:>8}  {p['workers']:>2}  {p['servers']:>10}  {p['predicted']:11.3f}  {low:14.3f}  {p['measured']:10.3f}  {runs:>24}  "
-                     f"{p['measured'] / p['predicted']:18.2f}  {p['load'][0]:4.1f}")
+                     f"{p['measured'] / p['predicted']:18.2f}  {moved:>15}  {p['load'][0]:4.1f}")
     return "\n".join(lines)
 
 
@@ -262,12 +281,15 @@ def main():
                 for k in ks:
                     predicted = predict(report, rate, k, s)
                     steps = WARMUP + 1 + int(min(MAX_STEPS, max(MIN_STEPS, math.ceil(TARGET_S / predicted))))
-                    runs = []
+                    runs, moved = [], []
                     for r in range(args.repeats):
                         print(f"{rate} K={k} S={s} run {r + 1}/{args.repeats}: {steps} steps, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+                        before = link_bytes(cluster.hosts)
                         runs.append(run_ddp(cluster, layers, args.rows, k, steps, venv) if s == "ddp" else run_job(head, jobs[s], k, steps, venv))
+                        done = steps - 1 if s == "ddp" else steps  # DDP: WARMUP + steps - WARMUP - 1 (ddp_rank.py)
+                        moved.append([[(b - a) / done / 1e6 for a, b in zip(x, y)] for x, y in zip(before, link_bytes(cluster.hosts))])
                     points.append({"rate": rate, "workers": k, "servers": s, "predicted": predicted, "runs": runs,
-                                   "measured": statistics.median(runs), "load": os.getloadavg()})
+                                   "measured": statistics.median(runs), "load": os.getloadavg(), "mb_per_step": moved})
         print(table(report, points))
         if args.json_path:
             Path(args.json_path).write_text(json.dumps({"calibration": report, "points": points}, indent=1))
