@@ -461,6 +461,9 @@ def test_elastic_run_shrinks_when_a_host_leaves_and_grows_when_it_returns(cluste
             victim.link(True)
         try:
             wait_for(lambda: alive_nodes(cluster["laptop"]) == len(hosts.hosts), 300, "Ray on the returning host")
+        except AssertionError as err:  # what the launcher's monitor on the head was doing
+            monitor = hosts.hosts[0].run("tail -n 40 /tmp/ray/session_latest/logs/monitor.log", check=False)
+            raise AssertionError(f"{err}\nthe head's monitor.log:\n{monitor.stdout}{monitor.stderr}") from None
         finally:
             for pid in held:
                 os.kill(pid, signal.SIGCONT)
