@@ -58,34 +58,35 @@ def ray_address(ray_session):
     return ray_session.get_runtime_context().gcs_address
 
 
-@pytest.fixture
-def make_job(tmp_path):
-    """Write a small job file (and its data) under tmp_path; returns the job path.
-    `make_job(kind="spirals", rows=300, fmt="parquet", **sections)` where sections are dicts
-    merged into the defaults below."""
+def write_job(folder, kind="spirals", rows=300, fmt="parquet", name="t", make_options=None, **sections):
+    """Write a small job file (and its data) under `folder`; returns the job path. `sections`
+    are dicts merged into the defaults below."""
     from distbp.data import tables, datasets
 
-    def _make(kind="spirals", rows=300, fmt="parquet", name="t", make_options=None, **sections):
-        options = make_options or ({"classes": 3} if kind == "spirals" else {})
-        path = tmp_path / f"{kind}-{rows}.{fmt}"
-        if not path.exists():
-            tables.write_table(datasets.make_dataset(kind, rows, seed=1, **options), str(path), row_group_size=64)
-        job = {
-            "name": name,
-            "seed": 3,
-            "data": {"path": path.name, "label": "label"},
-            "model": {"layers": [2, 8, 8, 3], "activation": "tanh", "dtype": "float64"},
-            "train": {"steps": 5, "optimizer": {"name": "sgd", "lr": 0.5}, "eval_every": 2, "checkpoint_every": 3},
-            "cluster": {"workers": 2, "chunk_rows": 64},
-            "output": {"dir": str(tmp_path / "runs" / name)},
-        }
-        for key, value in sections.items():
-            job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
-        job_path = tmp_path / f"{name}.yaml"
-        job_path.write_text(yaml.safe_dump(job))
-        return job_path
+    options = make_options or ({"classes": 3} if kind == "spirals" else {})
+    path = folder / f"{kind}-{rows}.{fmt}"
+    if not path.exists():
+        tables.write_table(datasets.make_dataset(kind, rows, seed=1, **options), str(path), row_group_size=64)
+    job = {
+        "name": name,
+        "seed": 3,
+        "data": {"path": path.name, "label": "label"},
+        "model": {"layers": [2, 8, 8, 3], "activation": "tanh", "dtype": "float64"},
+        "train": {"steps": 5, "optimizer": {"name": "sgd", "lr": 0.5}, "eval_every": 2, "checkpoint_every": 3},
+        "cluster": {"workers": 2, "chunk_rows": 64},
+        "output": {"dir": str(folder / "runs" / name)},
+    }
+    for key, value in sections.items():
+        job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
+    job_path = folder / f"{name}.yaml"
+    job_path.write_text(yaml.safe_dump(job))
+    return job_path
 
-    return _make
+
+@pytest.fixture
+def make_job(tmp_path):
+    """`make_job(kind="spirals", rows=300, fmt="parquet", **sections)`: write_job under tmp_path."""
+    return lambda *args, **kwargs: write_job(tmp_path, *args, **kwargs)
 
 
 def model_arrays(path):

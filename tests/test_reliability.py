@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from filelock import FileLock
 
 from distbp.run import checkpoint
 from distbp.api import load
 from distbp.cli import main
 from distbp.trainer import Trainer
 
-from conftest import model_arrays, wait_for_rows
+from conftest import model_arrays, wait_for_rows, write_job
 
 DRIVER = Path(__file__).with_name("cluster_driver.py")
 CLUSTER_JOB = dict(rows=400, train={"steps": 30, "optimizer": {"name": "adam", "lr": 0.01}, "checkpoint_every": 10})
@@ -27,78 +28,96 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+# Failures on one loopback cluster of 4 nodes (1 CPU each), one run after the other
+# (cluster_driver.py --plan): a cluster start costs about 10 s on 2 cores, a run 1-3 s. The
+# lost node comes last, as a removed node stays removed.
+PLAN = {
+    "killed": ["--kill-worker-at", "12"],
+    "server": ["--kill-server-at", "15"],
+    "two": ["--kill-server-at", "15", "--set", "cluster.parameter_servers=2"],
+    "stall": ["--stall-worker-at", "12", "--stall-seconds", "8"],
+    "max": ["--kill-worker-at", "12", "--set", "cluster.max_failures=0"],
+    "node": ["--remove-node-at", "8"],
+}
+
+
 def on_cluster(job, out, *args):
-    """Run `job` on a fresh 3-node loopback cluster in a subprocess; returns its JSON report."""
+    """Run `job` on a fresh loopback cluster in a subprocess; returns its JSON report."""
     env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent)}
-    proc = subprocess.run([sys.executable, str(DRIVER), str(job), str(out), *args], capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run([sys.executable, str(DRIVER), str(job), str(out), *args], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
-@pytest.fixture
-def baseline(ray_session, make_job, tmp_path):
-    """The cluster job run once without any failure, on the session's embedded Ray."""
-    job = make_job(name="cl", **CLUSTER_JOB)
-    return job, Trainer(load(job, [f"output.dir={tmp_path / 'baseline'}"])).run().model_path
+@pytest.fixture(scope="module")
+def failures(ray_session, tmp_path_factory):
+    """The cluster job once without any failure on the session's embedded Ray (the reference,
+    its model's path under "want"), then once per PLAN entry on one cluster (their reports, and
+    "folder", where the runs wrote). Made once per test run: xdist's processes share it through
+    a file under a lock."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder every process of this run shares
+    folder = root / "failures"
+    with FileLock(str(root / "failures.lock")):
+        made = folder / "made.json"
+        if not made.exists():
+            folder.mkdir(exist_ok=True)
+            job = write_job(folder, name="cl", **CLUSTER_JOB)
+            want = Trainer(load(job, [f"output.dir={folder / 'baseline'}"])).run().model_path
+            (folder / "plan.json").write_text(json.dumps(PLAN))
+            plan = on_cluster(job, folder / "plan", "--nodes", "4", "--plan", str(folder / "plan.json"))["plan"]
+            made.write_text(json.dumps({**plan, "want": str(want), "folder": str(folder / "plan")}))
+    return json.loads(made.read_text())
 
 
-def test_killed_worker_process_is_replaced_and_weights_are_bit_identical(baseline, tmp_path):
-    job, want = baseline
-    report = on_cluster(job, tmp_path / "killed", "--kill-worker-at", "12")
+def test_killed_worker_process_is_replaced_and_weights_are_bit_identical(failures):
+    report = failures["killed"]
     assert report["killed"] and report["killed"][0][0] == "worker"
     assert report["replacements"] == 1  # the failure was seen and handled, not missed
-    assert same_weights(report["model"], want)
+    assert same_weights(report["model"], failures["want"])
 
 
-def test_lost_node_is_survived_and_weights_are_bit_identical(baseline, tmp_path):
-    job, want = baseline
-    report = on_cluster(job, tmp_path / "node", "--remove-node-at", "8", "--nodes", "4")
+def test_lost_node_is_survived_and_weights_are_bit_identical(failures):
+    report = failures["node"]
     assert report["killed"][0][0] == "node" and report["replacements"] == 1
-    assert same_weights(report["model"], want)
+    assert same_weights(report["model"], failures["want"])
 
 
-def test_killed_parameter_actor_is_restored_from_checkpoint(baseline, tmp_path):
-    job, want = baseline
-    report = on_cluster(job, tmp_path / "server", "--kill-server-at", "15")
+def test_killed_parameter_actor_is_restored_from_checkpoint(failures):
+    report = failures["server"]
     assert report["killed"] == [["server", 0]] and report["replacements"] == 1
-    assert same_weights(report["model"], want)
-    rows = (tmp_path / "server" / "metrics.csv").read_text().splitlines()[1:]
+    assert same_weights(report["model"], failures["want"])
+    rows = (Path(failures["folder"]) / "server" / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 31))  # replayed steps not doubled
 
 
-def test_losing_one_of_two_parameter_actors_restores_both_and_keeps_the_bits(baseline, tmp_path):
-    job, want = baseline  # one parameter actor; two give the same bits (test_trainer)
-    out = tmp_path / "two"
-    report = on_cluster(job, out, "--kill-server-at", "15", "--set", "cluster.parameter_servers=2")
+def test_losing_one_of_two_parameter_actors_restores_both_and_keeps_the_bits(failures):
+    report = failures["two"]  # one parameter actor in the reference; two give the same bits (test_trainer)
     assert report["killed"] == [["server", 0]] and report["replacements"] == 1
-    assert same_weights(report["model"], want)
-    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert same_weights(report["model"], failures["want"])
+    rows = (Path(failures["folder"]) / "two" / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 31))
 
 
-def test_a_stalled_worker_is_waited_for_not_taken_for_dead(baseline, tmp_path):
-    job, want = baseline
-    report = on_cluster(job, tmp_path / "stall", "--stall-worker-at", "12", "--stall-seconds", "8")
+def test_a_stalled_worker_is_waited_for_not_taken_for_dead(failures):
+    report = failures["stall"]
     assert report["recorded_at_wake"] < 30  # the run was still going when the worker went on: it waited
     assert report["last_pid"] == report["stalled"][0]  # the same process finished the run
     assert report["replacements"] == 0 and report["killed"] == []
-    assert same_weights(report["model"], want)
+    assert same_weights(report["model"], failures["want"])
 
 
-def test_too_many_failures_stop_with_a_clear_message(baseline, tmp_path):
-    job, _ = baseline
-    env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent)}
-    proc = subprocess.run(
-        [sys.executable, str(DRIVER), str(job), str(tmp_path / "max"), "--kill-worker-at", "12", "--set", "cluster.max_failures=0"],
-        capture_output=True, text=True, timeout=240, env=env,
-    )
-    assert proc.returncode != 0
-    assert "more than cluster.max_failures (0) failures" in proc.stderr
+def test_too_many_failures_stop_with_a_clear_message(failures):
+    report = failures["max"]
+    assert report["exit_code"] != 0
+    assert "more than cluster.max_failures (0) failures" in report["error"]
     # The checkpoints written before the failure are kept; the run did not get to the end.
     # (The kill happens when step 12's row reaches the driver: with the direct engine that
     # is after its window, which may run on to the checkpoint at step 20.)
-    steps = checkpoint.list_steps(tmp_path / "max" / "checkpoints")
-    assert steps[0] == 10 and steps[-1] < 30 and not (tmp_path / "max" / "model.npz").exists()
+    out = Path(failures["folder"]) / "max"
+    steps = checkpoint.list_steps(out / "checkpoints")
+    assert steps[0] == 10 and steps[-1] < 30 and not (out / "model.npz").exists()
 
 
 def test_sigint_checkpoints_and_resume_is_bit_identical(ray_address, make_job, tmp_path):
@@ -215,11 +234,11 @@ def test_a_window_that_failed_reports_a_parameter_actors_own_error_before_the_lo
 
 
 @pytest.mark.parametrize("servers", ["1", "per_worker"])
-def test_capacity_gone_for_good_checkpoints_and_stops_with_the_way_out(baseline, tmp_path, servers):
+def test_capacity_gone_for_good_checkpoints_and_stops_with_the_way_out(ray_session, make_job, tmp_path, servers):
     """With the parameter actor on the driver's node, the last applied step is saved before the
     run stops; with per_worker the lost node took its slice, so the newest periodic checkpoint
     (step 10) is what is left, and --resume goes on from there."""
-    job, _ = baseline
+    job = make_job(name="cl", **CLUSTER_JOB)
     env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent)}
     out = tmp_path / "gone"
     proc = subprocess.run(  # 2 nodes of 1 CPU, 2 workers: losing a node leaves no CPU to spare
