@@ -17,7 +17,8 @@ stderr, the error's exit code.
 each into OUT_DIR/<name> with its own failure flags and --set values (the cluster's flags,
 --nodes among them, come from the command line; a removed node stays removed). The report is
 {"plan": {name: report}}; a run that stops with a distbp error reports {"error": its line,
-"exit_code": its code}, and the next entry runs. One cluster start (about 10 s on 2 cores)
+"exit_code": its code}, and the next entry runs. A run's report holds its warnings and
+notices under "log". One cluster start (about 10 s on 2 cores)
 serves every entry.
 
 With --cli the job runs through the real command, `distbp run JOB --address <cluster>`, in a
@@ -107,6 +108,7 @@ def main():
                 reports[name] = run_once(cluster, nodes, entry, entry.out)
             except DistbpError as err:
                 reports[name] = {"error": str(err), "exit_code": err.exit_code}
+                print(f"error: {err}", file=sys.stderr)
             end_idle()  # the next entry's workers get the CPUs this one's idle actors hold
         print(json.dumps({"plan": reports}))
         ray.shutdown()
@@ -132,8 +134,13 @@ def run_once(cluster, nodes, args, out):
     """One run of the job on `cluster` with the failures `args` ask for; its report. `nodes`
     (the nodes besides the head) follows the nodes removed and added."""
     job = load(args.job, [f"output.dir={out}", *args.sets])
-    trainer = Trainer(job, force=True, log=lambda line: print(line, file=sys.stderr, flush=True))  # warnings and notices
-    report = {"killed": [], "node_ids": [], "added": []}
+    report = {"killed": [], "node_ids": [], "added": [], "log": []}
+
+    def log(line):  # warnings and notices: on stderr, and in the report (one run's own)
+        report["log"].append(line)
+        print(line, file=sys.stderr, flush=True)
+
+    trainer = Trainer(job, force=True, log=log)
 
     fired = set()
 

@@ -20,7 +20,7 @@ from distbp.runtime.messages import Order, Sums, stats_vector
 from distbp.runtime.server import ParameterServer
 from distbp.trainer import Trainer
 
-from conftest import model_arrays
+from conftest import model_arrays, write_job
 
 DRIVER = Path(__file__).with_name("cluster_driver.py")
 # Mini-batches of 64 from 400 rows: which rows a step takes must not depend on the worker count.
@@ -45,29 +45,42 @@ def workers_column(out):
         return [(int(r["step"]), int(r["workers"])) for r in csv.DictReader(f)]
 
 
+@pytest.fixture(scope="module")
+def elastic(ray_session, tmp_path_factory):
+    """The job on 1 worker in this process (the single-process gradient), then twice with each
+    parameter-actor layout on one loopback cluster (cluster_driver.py --plan): 3 nodes of 1 CPU
+    and 3 workers, so no CPU is left to spare once a node is gone, until one is added. Each run
+    loses a node when step 10 is recorded and gets one back at step 20, so every run starts
+    on 3 nodes. Returns (the 1-worker model, the plan's report, its folder)."""
+    folder = tmp_path_factory.mktemp("elastic")
+    job = write_job(folder, name="el", **JOB)
+    one = model_arrays(Trainer(load(job, [f"output.dir={folder / 'one'}", "cluster.workers=1"])).run().model_path)
+    flags = ["--set", "cluster.workers=3", *ELASTIC, "--remove-node-at", "10", "--add-node-at", "20"]
+    plan = {f"{servers}-{r}": [*flags, "--set", f"cluster.parameter_servers={servers}"] for servers in ("1", "per_worker") for r in range(2)}
+    (folder / "plan.json").write_text(json.dumps(plan))
+    return one, report_of(driver(job, folder / "runs", "--nodes", "3", "--plan", str(folder / "plan.json")))["plan"], folder / "runs"
+
+
 @pytest.mark.parametrize("servers", ["1", "per_worker"])
-def test_a_lost_node_shrinks_the_run_and_an_added_one_grows_it_back_with_the_same_bits_each_time(ray_session, make_job, tmp_path, servers):
+def test_a_lost_node_shrinks_the_run_and_an_added_one_grows_it_back_with_the_same_bits_each_time(elastic, servers):
     """The node goes when step 10 is recorded, before its checkpoint. With the parameter actor on
     the driver's node the run goes on from step 11 on 2 workers; with per_worker the node took
     a slice, so every slice is restored from the newest checkpoint (none yet: the seeded start)
     and steps 1-10 are done again on 2 workers. Growing back at step 20 cuts the vector anew."""
-    job = make_job(name="el", **JOB)
-    one = model_arrays(Trainer(load(job, [f"output.dir={tmp_path / 'one'}", "cluster.workers=1"])).run().model_path)
-    # 3 nodes of 1 CPU, 3 workers: no CPU to spare once a node is gone, until one is added.
-    out = tmp_path / "elastic"
-    proc = driver(job, out, "--nodes", "3", "--set", "cluster.workers=3", *ELASTIC, "--remove-node-at", "10", "--add-node-at", "20", "--runs", "2",
-                  "--set", f"cluster.parameter_servers={servers}")
-    report = report_of(proc)
-    shrunk = re.findall(r"warning: worker \d lost and no capacity within cluster.wait_for_nodes_s \(1 s\); going on with 2 workers, rows resharded", proc.stderr)
-    grown = re.findall(r"capacity back: going on with 3 workers instead of 2, rows resharded", proc.stderr)
-    assert len(shrunk) == 2 and len(grown) == 2, proc.stderr[-3000:]
-    first, second = (out / "run-0", out / "run-1")
-    for run in report["runs"]:
-        assert run["killed"][0][0] == "node" and run["added"] and run["steps"] == 30
+    one, plan, out = elastic
+    runs = [plan[f"{servers}-{r}"] for r in range(2)]
     want = [(s, 3) for s in range(1, 11)] + [(s, 2) for s in range(11, 21)] + [(s, 3) for s in range(21, 31)]
     if servers == "per_worker":
         want = [(s, 2) for s in range(1, 21)] + [(s, 3) for s in range(21, 31)]
-        assert len(re.findall(r"warning: parameter actors restored from step 0; replaying from step 1", proc.stderr)) == 2
+    for run in runs:
+        log = "\n".join(run["log"])
+        shrunk = re.findall(r"warning: worker \d lost and no capacity within cluster.wait_for_nodes_s \(1 s\); going on with 2 workers, rows resharded", log)
+        grown = re.findall(r"capacity back: going on with 3 workers instead of 2, rows resharded", log)
+        assert len(shrunk) == 1 and len(grown) == 1, log[-3000:]
+        assert run["killed"][0][0] == "node" and run["added"] and run["steps"] == 30
+        if servers == "per_worker":
+            assert len(re.findall(r"warning: parameter actors restored from step 0; replaying from step 1", log)) == 1
+    first, second = (out / f"{servers}-0", out / f"{servers}-1")
     assert workers_column(first) == want and workers_column(second) == want
     a, b = model_arrays(first / "model.npz"), model_arrays(second / "model.npz")
     assert all(np.array_equal(a[k], b[k]) for k in a)  # the same changes at the same steps: the same bits
