@@ -26,7 +26,7 @@ from distbp.data import tables, rowmath, datasets
 from distbp.api import load
 from distbp.trainer import Trainer
 
-from conftest import model_arrays
+from conftest import model_arrays, write_job
 
 try:
     import tomllib
@@ -179,21 +179,40 @@ def on_cluster(job, out, *args):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **LOOPBACK_ONLY}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, str(DRIVER), str(job), str(out), *args],
-                          capture_output=True, text=True, timeout=240, env=env)
+                          capture_output=True, text=True, timeout=420, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def test_distbp_run_address_spreads_workers_over_nodes_and_matches_the_embedded_run(ray_session, make_job, tmp_path):
-    job = make_job(name="mn", rows=400, train={"steps": 20, "optimizer": {"name": "adam", "lr": 0.01}, "checkpoint_every": 10})
-    want = Trainer(load(job, [f"output.dir={tmp_path / 'embedded'}"])).run().model_path
-    report = on_cluster(job, tmp_path / "cluster", "--cli")  # head + 2 nodes, 1 CPU each
-    assert report["address"].startswith("127.0.0.1:")  # loopback mode (README: Running on a shared network)
-    assert report["returncode"] == 0 and "done: 20 steps" in report["stdout"]
-    assert len(report["nodes"]) == 3
-    workers = report["worker_nodes"]  # read from the cluster's own actor table
-    assert len(workers) == 2 and len(set(workers)) == 2 and set(workers) <= set(report["nodes"])
-    assert same_weights(report["model"], want)
+SHARDS_JOB = dict(name="shards", rows=400, train={"steps": 20, "optimizer": {"name": "adam", "lr": 0.01}, "checkpoint_every": 10},
+                  cluster={"workers": 3})
+LAYOUTS = ["1", "2", "per_worker", None]  # cluster.parameter_servers of the cluster's runs 0-3 (None: the default, auto)
+
+
+@pytest.fixture(scope="module")
+def cluster_runs(ray_session, tmp_path_factory):
+    """One loopback cluster (head + 2 nodes, 1 CPU each) and `distbp run JOB --address` on it
+    five times, each as its own process (cluster_driver.py --cli): runs 0-3 with 3 workers, one
+    per node, and the parameter actors of LAYOUTS; run 4 with 2 workers. Returns (the job,
+    the embedded runs' models for 3 and 2 workers, the cluster's report)."""
+    folder = tmp_path_factory.mktemp("cluster")
+    job = write_job(folder, **SHARDS_JOB)
+    want = {k: model_arrays(Trainer(load(job, [f"output.dir={folder / f'embedded-{k}'}", f"cluster.workers={k}"])).run().model_path) for k in (3, 2)}
+    sets = [f"{r}:cluster.parameter_servers={s}" for r, s in enumerate(LAYOUTS) if s] + ["4:cluster.workers=2"]
+    report = on_cluster(job, folder / "cluster", "--cli", "--runs", "5", *[a for s in sets for a in ("--run-set", s)])
+    return job, want, report
+
+
+def test_distbp_run_address_spreads_workers_over_nodes_and_matches_the_embedded_run(cluster_runs):
+    _, want, report = cluster_runs
+    run = report["runs"][4]  # 2 workers on the 3 nodes
+    assert run["address"].startswith("127.0.0.1:")  # loopback mode (README: Running on a shared network)
+    assert run["returncode"] == 0 and "done: 20 steps" in run["stdout"], run["stderr"][-2000:]
+    assert len(run["nodes"]) == 3
+    workers = run["run_worker_nodes"]  # read from the cluster's own actor table
+    assert len(workers) == 2 and len(set(workers)) == 2 and set(workers) <= set(run["nodes"])
+    got = model_arrays(run["model"])
+    assert got.keys() == want[2].keys() and all(np.array_equal(got[k], want[2][k]) for k in got)
 
 
 # ---------------------------------------------------------------- S3 on loopback (moto)
@@ -406,17 +425,14 @@ def test_workers_read_only_their_own_row_groups_from_s3_and_match_the_local_run(
     assert same_weights(tmp_path / "from-s3" / "model.npz", want)
 
 
-def test_parameter_shards_on_the_workers_nodes_give_the_same_bits_as_one_actor(ray_session, make_job, tmp_path):
+def test_parameter_shards_on_the_workers_nodes_give_the_same_bits_as_one_actor(cluster_runs):
     """A 3-node cluster, 3 workers (one per node): the weights are bit-identical with one
     parameter actor, two, and one beside each worker (per_worker, what auto picks when the
     workers span nodes), and equal to the embedded run's. per_worker puts slice k on worker k's
     node: each worker reads its own slice in place and moves the others over the links."""
-    job = make_job(name="shards", rows=400, train={"steps": 20, "optimizer": {"name": "adam", "lr": 0.01}, "checkpoint_every": 10},
-                   cluster={"workers": 3})
-    want = model_arrays(Trainer(load(job, [f"output.dir={tmp_path / 'embedded'}"])).run().model_path)
-    report = on_cluster(job, tmp_path / "cluster", "--cli", "--runs", "4", "--run-set", "0:cluster.parameter_servers=1",
-                        "--run-set", "1:cluster.parameter_servers=2", "--run-set", "2:cluster.parameter_servers=per_worker")
-    runs = report["runs"]  # the 4th: the default, auto
+    _, want, report = cluster_runs
+    want = want[3]
+    runs = report["runs"][:4]  # the 4th: the default, auto
     assert all(r["returncode"] == 0 for r in runs), [r["stderr"][-2000:] for r in runs]
     for r in runs:
         got = model_arrays(r["model"])
