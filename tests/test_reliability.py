@@ -44,7 +44,7 @@ PLAN = {
 def on_cluster(job, out, *args):
     """Run `job` on a fresh loopback cluster in a subprocess; returns its JSON report."""
     env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent)}
-    proc = subprocess.run([sys.executable, str(DRIVER), str(job), str(out), *args], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, str(DRIVER), str(job), str(out), *args], capture_output=True, text=True, timeout=480, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
