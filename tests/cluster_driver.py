@@ -85,9 +85,9 @@ def main():
     ap.add_argument("--plan", help="a JSON file {name: [flags]}: one run per entry on this cluster")
     args = ap.parse_args()
 
-    head_args = {"num_cpus": 1, "_system_config": FAST_HEALTH_CHECKS}
-    if args.cli:  # no dashboard: the head would wait a minute for one if another Ray holds port 8265
-        head_args["include_dashboard"] = False
+    # No dashboard: nothing here reads it, it costs the head about 2 CPU-seconds to start, and
+    # the head would wait a minute for one if another Ray holds port 8265.
+    head_args = {"num_cpus": 1, "_system_config": FAST_HEALTH_CHECKS, "include_dashboard": False}
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
     node_env = dict(kv.split("=", 1) for kv in args.node_env)
     nodes = [cluster.add_node(num_cpus=1, **({"env_vars": node_env} if i == args.nodes - 2 and node_env else {})) for i in range(args.nodes - 1)]
