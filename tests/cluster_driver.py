@@ -15,11 +15,11 @@ stderr, the error's exit code.
 
 --plan names a JSON file {name: [flags]}: one run per entry, in order, on the same cluster,
 each into OUT_DIR/<name> with its own failure flags and --set values (the cluster's flags,
---nodes among them, come from the command line; a removed node stays removed). The report is
+--nodes among them, come from the command line). Every entry starts on --nodes nodes: a node
+an entry removed is replaced by a new one of one CPU before the next. The report is
 {"plan": {name: report}}; a run that stops with a distbp error reports {"error": its line,
 "exit_code": its code}, and the next entry runs. A run's report holds its warnings and
-notices under "log". One cluster start (about 10 s on 2 cores)
-serves every entry.
+notices under "log". One cluster start (about 10 s on 2 cores) serves every entry.
 
 With --cli the job runs through the real command, `distbp run JOB --address <cluster>`, in a
 subprocess that joins the cluster like any user's driver; the report then gives the nodes of the
@@ -110,6 +110,8 @@ def main():
                 reports[name] = {"error": str(err), "exit_code": err.exit_code}
                 print(f"error: {err}", file=sys.stderr)
             end_idle()  # the next entry's workers get the CPUs this one's idle actors hold
+            while len(nodes) < args.nodes - 1:
+                add_node(cluster, nodes)
         print(json.dumps({"plan": reports}))
         ray.shutdown()
         cluster.shutdown()
@@ -197,15 +199,7 @@ def run_once(cluster, nodes, args, out):
                 assert time.monotonic() < deadline, f"the removed node's actors {there} never exited"
                 time.sleep(0.1)
         if step == args.add_node_at:
-            free = ray.available_resources().get("CPU", 0)
-            nodes.append(cluster.add_node(num_cpus=1))
-            cluster.wait_for_nodes()
-            # The run looks for capacity through the same view: wait until the CPU shows there.
-            deadline = time.monotonic() + 60
-            while ray.available_resources().get("CPU", 0) < free + 1:
-                assert time.monotonic() < deadline, "the added node's CPU never showed"
-                time.sleep(0.1)
-            report["added"].append(nodes[-1].node_id)
+            report["added"].append(add_node(cluster, nodes))
         if step == 1:
             report["node_ids"] = [ray.get(w.where.remote())["node_id"] for w in trainer.workers]
 
@@ -215,6 +209,19 @@ def run_once(cluster, nodes, args, out):
 
     report.update(model=result.model_path, replacements=result.replacements, steps=result.steps)
     return report
+
+
+def add_node(cluster, nodes):
+    """Add a node of one CPU to `cluster` (and `nodes`) and wait until the driver sees its CPU
+    free, as a run looks for capacity through the same view. Returns its node id."""
+    free = ray.available_resources().get("CPU", 0)
+    nodes.append(cluster.add_node(num_cpus=1))
+    cluster.wait_for_nodes()
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < free + 1:
+        assert time.monotonic() < deadline, "the added node's CPU never showed"
+        time.sleep(0.1)
+    return nodes[-1].node_id
 
 
 seen_jobs = set()  # the Ray jobs whose actors an earlier run_cli reported

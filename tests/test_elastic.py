@@ -88,19 +88,30 @@ def test_a_lost_node_shrinks_the_run_and_an_added_one_grows_it_back_with_the_sam
         np.testing.assert_allclose(a[key], one[key], rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture(scope="module")
+def below_min(ray_session, tmp_path_factory):
+    """The job on 2 nodes of 1 CPU with cluster.min_workers 2, once per parameter-actor layout
+    (cluster_driver.py --plan, the lost node replaced between them); a node goes when step 10
+    is recorded. Returns (the plan's report, its folder)."""
+    folder = tmp_path_factory.mktemp("below-min")
+    job = write_job(folder, name="min", **JOB)
+    plan = {servers: [*ELASTIC, "--set", "cluster.min_workers=2", "--remove-node-at", "10", "--set", f"cluster.parameter_servers={servers}"]
+            for servers in ("1", "per_worker")}
+    (folder / "plan.json").write_text(json.dumps(plan))
+    return report_of(driver(job, folder / "runs", "--nodes", "2", "--plan", str(folder / "plan.json")))["plan"], folder / "runs"
+
+
 @pytest.mark.parametrize("servers", ["1", "per_worker"])
-def test_below_min_workers_checkpoints_and_stops_with_one_line(ray_session, make_job, tmp_path, servers):
+def test_below_min_workers_checkpoints_and_stops_with_one_line(below_min, servers):
     """The last step applied is checkpointed before the run stops, when the parameter actors
     survived; with per_worker the lost node took a slice, and the node went before step 10's
     checkpoint, so there is none to write (and the rows written stay)."""
-    job = make_job(name="min", **JOB)
-    out = tmp_path / "min"
-    proc = driver(job, out, "--nodes", "2", *ELASTIC, "--set", "cluster.min_workers=2", "--remove-node-at", "10",
-                  "--set", f"cluster.parameter_servers={servers}")
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "below cluster.min_workers (2)" in errors[0] and "--resume" in errors[0], proc.stderr[-3000:]
-    assert re.search(r"worker \d lost and no capacity within cluster.wait_for_nodes_s \(1 s\); 1 worker left", errors[0])
+    plan, runs = below_min
+    report, out = plan[servers], runs / servers
+    assert report.get("exit_code") == 1, report
+    error = report["error"]
+    assert "\n" not in error and "below cluster.min_workers (2)" in error and "--resume" in error, error
+    assert re.search(r"worker \d lost and no capacity within cluster.wait_for_nodes_s \(1 s\); 1 worker left", error)
     assert checkpoint.list_steps(str(out / "checkpoints")) == ([10] if servers == "1" else [])  # the last step applied
     assert not (out / "model.npz").exists()
     assert [s for s, _ in workers_column(out)] == list(range(1, 11))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,26 +50,38 @@ def on_cluster(job, out, *args):
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
-@pytest.fixture(scope="module")
-def failures(ray_session, tmp_path_factory):
-    """The cluster job once without any failure on the session's embedded Ray (the reference,
-    its model's path under "want"), then once per PLAN entry on one cluster (their reports, and
-    "folder", where the runs wrote). Made once per test run: xdist's processes share it through
-    a file under a lock."""
+def made_once(tmp_path_factory, name, make):
+    """make(folder) -> a JSON-able result, run once per test run: xdist's processes share it
+    through a file in the folder they share, under a lock."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the folder every process of this run shares
-    folder = root / "failures"
-    with FileLock(str(root / "failures.lock")):
-        made = folder / "made.json"
+    folder, made = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
         if not made.exists():
             folder.mkdir(exist_ok=True)
-            job = write_job(folder, name="cl", **CLUSTER_JOB)
-            want = Trainer(load(job, [f"output.dir={folder / 'baseline'}"])).run().model_path
-            (folder / "plan.json").write_text(json.dumps(PLAN))
-            plan = on_cluster(job, folder / "plan", "--nodes", "4", "--plan", str(folder / "plan.json"))["plan"]
-            made.write_text(json.dumps({**plan, "want": str(want), "folder": str(folder / "plan")}))
+            made.write_text(json.dumps(make(folder)))
     return json.loads(made.read_text())
+
+
+def plan_file(folder, plan):
+    (folder / "plan.json").write_text(json.dumps(plan))
+    return str(folder / "plan.json")
+
+
+@pytest.fixture(scope="module")
+def failures(ray_session, tmp_path_factory):
+    """The cluster job once without any failure on the session's embedded Ray (the reference,
+    its model's path under "want"), then once per PLAN entry on one cluster of 4 nodes (their
+    reports, and "folder", where the runs wrote)."""
+
+    def make(folder):
+        job = write_job(folder, name="cl", **CLUSTER_JOB)
+        want = Trainer(load(job, [f"output.dir={folder / 'baseline'}"])).run().model_path
+        plan = on_cluster(job, folder / "plan", "--nodes", "4", "--plan", plan_file(folder, PLAN))["plan"]
+        return {**plan, "want": str(want), "folder": str(folder / "plan")}
+
+    return made_once(tmp_path_factory, "failures", make)
 
 
 def test_killed_worker_process_is_replaced_and_weights_are_bit_identical(failures):
@@ -233,26 +246,37 @@ def test_a_window_that_failed_reports_a_parameter_actors_own_error_before_the_lo
     DirectEngine._own_error([fails.remote(LinkError("the peer closed the link"))])  # none of its own: nothing raised
 
 
+@pytest.fixture(scope="module")
+def capacity_gone(ray_session, tmp_path_factory):
+    """The cluster job on 2 nodes of 1 CPU with 2 workers, once per parameter-actor layout
+    (cluster_driver.py --plan, the lost node replaced between them): a node lost at step 12
+    leaves no CPU to spare. Returns (the job, the plan's report, its folder)."""
+
+    def make(folder):
+        job = write_job(folder, name="cl", **CLUSTER_JOB)
+        plan = {servers: ["--remove-node-at", "12", "--set", "cluster.wait_for_nodes_s=2", "--set", f"cluster.parameter_servers={servers}"]
+                for servers in ("1", "per_worker")}
+        return [str(job), on_cluster(job, folder / "gone", "--nodes", "2", "--plan", plan_file(folder, plan))["plan"], str(folder / "gone")]
+
+    return made_once(tmp_path_factory, "capacity_gone", make)
+
+
 @pytest.mark.parametrize("servers", ["1", "per_worker"])
-def test_capacity_gone_for_good_checkpoints_and_stops_with_the_way_out(ray_session, make_job, tmp_path, servers):
+def test_capacity_gone_for_good_checkpoints_and_stops_with_the_way_out(capacity_gone, tmp_path, servers):
     """With the parameter actor on the driver's node, the last applied step is saved before the
     run stops; with per_worker the lost node took its slice, so the newest periodic checkpoint
     (step 10) is what is left, and --resume goes on from there."""
-    job = make_job(name="cl", **CLUSTER_JOB)
-    env = {**os.environ, "PYTHONPATH": str(DRIVER.parent.parent)}
+    job, plan, folder = capacity_gone
+    report = plan[servers]
+    assert report.get("exit_code", 0) != 0, report
+    assert "no capacity for a replacement of worker" in report["error"] and "--resume --workers 1" in report["error"]
     out = tmp_path / "gone"
-    proc = subprocess.run(  # 2 nodes of 1 CPU, 2 workers: losing a node leaves no CPU to spare
-        [sys.executable, str(DRIVER), str(job), str(out), "--nodes", "2", "--remove-node-at", "12", "--set", "cluster.wait_for_nodes_s=2",
-         "--set", f"cluster.parameter_servers={servers}"],
-        capture_output=True, text=True, timeout=240, env=env,
-    )
-    assert proc.returncode != 0
-    assert "no capacity for a replacement of worker" in proc.stderr and "--resume --workers 1" in proc.stderr
+    shutil.copytree(Path(folder) / servers, out)  # resumed here, so that each test has its own copy
     steps = checkpoint.list_steps(str(out / "checkpoints"))
     if servers == "1":
-        assert steps[-1] >= 12, proc.stderr[-3000:]  # the last applied step was saved, not only the periodic one at 10
+        assert steps[-1] >= 12, report  # the last applied step was saved, not only the periodic one at 10
     else:
-        assert steps[-1] == 10, proc.stderr[-3000:]
+        assert steps[-1] == 10, report
     resumed = Trainer(load(job, [f"output.dir={out}", "cluster.workers=1"]), resume=True).run()
     assert resumed.steps == 30 and resumed.resumed_from == steps[-1]
 
