@@ -30,8 +30,8 @@ def same_weights(a, b):
 
 
 # Failures on one loopback cluster of 4 nodes (1 CPU each), one run after the other
-# (cluster_driver.py --plan): a cluster start costs about 10 s on 2 cores, a run 1-3 s. The
-# lost node comes last, as a removed node stays removed.
+# (cluster_driver.py --plan): a cluster start costs about 10 s on 2 cores, a run 1-3 s. Four
+# nodes, so that the run that loses one still has a CPU for the replacement worker.
 PLAN = {
     "killed": ["--kill-worker-at", "12"],
     "server": ["--kill-server-at", "15"],
