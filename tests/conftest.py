@@ -1,5 +1,6 @@
 """Shared fixtures: one real local Ray per test session, loopback only, fixed num_cpus."""
 
+import json
 import os
 
 # Ray reads this when it is first imported: loopback mode, never the machine's address.
@@ -87,6 +88,13 @@ def write_job(folder, kind="spirals", rows=300, fmt="parquet", name="t", make_op
 def make_job(tmp_path):
     """`make_job(kind="spirals", rows=300, fmt="parquet", **sections)`: write_job under tmp_path."""
     return lambda *args, **kwargs: write_job(tmp_path, *args, **kwargs)
+
+
+def plan_file(folder, plan):
+    """Write `plan` ({name: [cluster_driver.py flags]}) as folder/plan.json for
+    cluster_driver.py --plan; returns its path."""
+    (folder / "plan.json").write_text(json.dumps(plan))
+    return str(folder / "plan.json")
 
 
 def model_arrays(path):

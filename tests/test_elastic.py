@@ -20,7 +20,7 @@ from distbp.runtime.messages import Order, Sums, stats_vector
 from distbp.runtime.server import ParameterServer
 from distbp.trainer import Trainer
 
-from conftest import model_arrays, write_job
+from conftest import model_arrays, plan_file, write_job
 
 DRIVER = Path(__file__).with_name("cluster_driver.py")
 # Mini-batches of 64 from 400 rows: which rows a step takes must not depend on the worker count.
@@ -57,8 +57,7 @@ def elastic(ray_session, tmp_path_factory):
     one = model_arrays(Trainer(load(job, [f"output.dir={folder / 'one'}", "cluster.workers=1"])).run().model_path)
     flags = ["--set", "cluster.workers=3", *ELASTIC, "--remove-node-at", "10", "--add-node-at", "20"]
     plan = {f"{servers}-{r}": [*flags, "--set", f"cluster.parameter_servers={servers}"] for servers in ("1", "per_worker") for r in range(2)}
-    (folder / "plan.json").write_text(json.dumps(plan))
-    return one, report_of(driver(job, folder / "runs", "--nodes", "3", "--plan", str(folder / "plan.json")))["plan"], folder / "runs"
+    return one, report_of(driver(job, folder / "runs", "--nodes", "3", "--plan", plan_file(folder, plan)))["plan"], folder / "runs"
 
 
 @pytest.mark.parametrize("servers", ["1", "per_worker"])
@@ -97,8 +96,7 @@ def below_min(ray_session, tmp_path_factory):
     job = write_job(folder, name="min", **JOB)
     plan = {servers: [*ELASTIC, "--set", "cluster.min_workers=2", "--remove-node-at", "10", "--set", f"cluster.parameter_servers={servers}"]
             for servers in ("1", "per_worker")}
-    (folder / "plan.json").write_text(json.dumps(plan))
-    return report_of(driver(job, folder / "runs", "--nodes", "2", "--plan", str(folder / "plan.json")))["plan"], folder / "runs"
+    return report_of(driver(job, folder / "runs", "--nodes", "2", "--plan", plan_file(folder, plan)))["plan"], folder / "runs"
 
 
 @pytest.mark.parametrize("servers", ["1", "per_worker"])

@@ -18,7 +18,7 @@ from distbp.api import load
 from distbp.cli import main
 from distbp.trainer import Trainer
 
-from conftest import model_arrays, wait_for_rows, write_job
+from conftest import model_arrays, plan_file, wait_for_rows, write_job
 
 DRIVER = Path(__file__).with_name("cluster_driver.py")
 CLUSTER_JOB = dict(rows=400, train={"steps": 30, "optimizer": {"name": "adam", "lr": 0.01}, "checkpoint_every": 10})
@@ -62,11 +62,6 @@ def made_once(tmp_path_factory, name, make):
             folder.mkdir(exist_ok=True)
             made.write_text(json.dumps(make(folder)))
     return json.loads(made.read_text())
-
-
-def plan_file(folder, plan):
-    (folder / "plan.json").write_text(json.dumps(plan))
-    return str(folder / "plan.json")
 
 
 @pytest.fixture(scope="module")
