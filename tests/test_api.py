@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 import distbp
@@ -72,3 +74,28 @@ def test_init_refuses_a_cpu_count_that_is_not_a_whole_number():
     for bad in (0, -2, 2.5, True, "4"):
         with pytest.raises(UsageError, match=r"^distbp.init: num_cpus: expected a whole number of at least 1, got "):
             distbp.init(num_cpus=bad)
+
+
+def test_an_idle_actor_that_died_while_it_waited_is_replaced_with_the_same_bits(ray_session, make_job, tmp_path):
+    """The idle actors wait in distbp's own Ray between calls; one killed meanwhile (by hand,
+    or out of memory) is left out, and the next call starts a new one in its place."""
+    from distbp.runtime.actors import _IDLE
+
+    job = make_job(name="idle", rows=120, train={"steps": 4})
+    first = distbp.train(job, output__dir=str(tmp_path / "first"), output__plot=False)
+    assert len(_IDLE["workers"]) == 2  # the session's Ray is distbp's (distbp.init): they wait there
+    dead = _IDLE["workers"][0]
+    ray_session.kill(dead)
+    deadline = time.monotonic() + 60  # the kill lands a little later: a ping sent first still answers
+    while time.monotonic() < deadline:
+        try:
+            ray_session.get(dead.ping.remote(), timeout=60)
+        except ray_session.exceptions.RayActorError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the killed actor still answers")
+    second = distbp.train(job, output__dir=str(tmp_path / "second"), output__plot=False)
+    with np.load(first.model_path) as a, np.load(second.model_path) as b:
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+    assert len(_IDLE["workers"]) == 2 and dead not in _IDLE["workers"]

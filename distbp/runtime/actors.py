@@ -49,7 +49,9 @@ def take_idle(key):
         for actor in idle["workers"] + idle["servers"]:
             kill(actor)
         return [], []
-    return idle["workers"], idle["servers"]
+    # One that died while it waited (killed, out of memory) is left out: the run starts a new one.
+    alive = placed(idle["workers"] + idle["servers"], PARK_S, dead_ok=True)
+    return [a for a in idle["workers"] if a in alive], [a for a in idle["servers"] if a in alive]
 
 
 def end_idle():

@@ -41,10 +41,10 @@ def kill(actor):
         pass
 
 
-def placed(actors, wait_s):
+def placed(actors, wait_s, dead_ok=False):
     """The actors of `actors` that were placed and started within `wait_s` seconds, in their
     order; the others are killed (no node had room for them). An actor that died starting
-    raises its Ray error, as a lost one does."""
+    raises its Ray error, as a lost one does, unless `dead_ok`: then it is left out too."""
     import ray
 
     refs = [ping(a) for a in actors]
@@ -55,6 +55,10 @@ def placed(actors, wait_s):
             ray.get(ref, timeout=0)
             started.append(actor)
         except ray.exceptions.GetTimeoutError:
+            kill(actor)
+        except recoverable():
+            if not dead_ok:
+                raise
             kill(actor)
     return started
 
