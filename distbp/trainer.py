@@ -75,7 +75,9 @@ class Trainer:
         """Start the actors, read and check the shards, and start the parameter actors from
         the seeded init or from `ckpt`. Needs Ray; touches nothing on disk."""
         job, spec = self.job, prep.spec
-        reuse = self.keep_ray and cluster.holds_embedded() and not faults.armed_any()
+        # Idle actors wait for the next run on a Ray that distbp started and keeps for this
+        # process (distbp.init, distbp.train, the estimators), whichever kind of run parks them.
+        reuse = cluster.holds_embedded() and not faults.armed_any()
         self.actors = Actors(job, prep, self.phases, self.log, reuse=reuse)
         if ckpt is None:
             start = Start(nn.init_params(spec, np.random.default_rng(job.seed)))

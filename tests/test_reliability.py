@@ -229,7 +229,10 @@ def test_a_window_that_failed_reports_a_parameter_actors_own_error_before_the_lo
     (not recoverable) wherever it stands, never a lost link (which would replay the step)."""
     from distbp.errors import TrainingError
     from distbp.runtime.direct import DirectEngine
+    from distbp.runtime.actors import end_idle
     from distbp.runtime.link import LinkError
+
+    end_idle()  # the idle actors of earlier runs in this process may hold every CPU the tasks need
 
     @ray_session.remote
     def fails(err):
@@ -281,6 +284,8 @@ def test_workers_that_find_no_free_cpu_stop_the_run_in_one_line_instead_of_waiti
     workers stay pending; after START_S + cluster.wait_for_nodes_s the run stops, naming why."""
     from distbp.errors import TrainingError
     from distbp.runtime import actors
+
+    actors.end_idle()  # 3 free CPUs for Busy: none held by the idle actors of earlier runs here
 
     @ray_session.remote(num_cpus=3)
     class Busy:
