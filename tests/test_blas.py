@@ -109,7 +109,7 @@ def test_a_node_whose_environment_picks_another_kernel_warns_and_the_pin_gives_t
     assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
 
 
-def test_a_pinned_kernel_the_cpu_cannot_run_is_one_line_and_exit_2(make_job, tmp_path):
+def test_a_pinned_kernel_the_cpu_cannot_run_is_one_line_and_exit_2(ray_address, make_job, tmp_path):
     """SkylakeX needs AVX-512: on a CPU without it the worker would die of SIGILL in its first
     product. The pin is checked before any, and nothing is written."""
     flags = blas.cpu_flags()
@@ -117,7 +117,7 @@ def test_a_pinned_kernel_the_cpu_cannot_run_is_one_line_and_exit_2(make_job, tmp
         pytest.skip("needs an x86-64 CPU without AVX-512")
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "distbp", "run", str(make_job()), "--out", str(out), "--set", "cluster.blas_kernel=SkylakeX"],
+        [sys.executable, "-m", "distbp", "run", str(make_job()), "--out", str(out), "--set", "cluster.blas_kernel=SkylakeX", "--address", ray_address],
         capture_output=True, text=True, timeout=180, env={**os.environ, **LOOPBACK_ONLY},
     )
     assert proc.returncode == 2, proc.stderr

@@ -219,9 +219,10 @@ def start(job, *extra, fault=None, address=None):
 LONG = dict(rows=1000, train={"steps": 3000, "checkpoint_every": 10000, "optimizer": {"name": "adam", "lr": 0.01}})
 
 
-def test_sigterm_checkpoints_and_exits_143(make_job, tmp_path):
+def test_sigterm_checkpoints_and_exits_143(ray_address, make_job, tmp_path):
+    """(The SIGINT test of test_reliability.py signals a run that started Ray itself.)"""
     job = make_job(name="term", **LONG)
-    proc = start(job, "--quiet")
+    proc = start(job, "--quiet", address=ray_address)
     wait_for_rows(tmp_path / "runs" / "term" / "metrics.csv", 20, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
