@@ -20,11 +20,12 @@ from distbp.runtime.server import ParameterServer
 from distbp.runtime.workers import ShardPlan, ShardWorker
 from distbp.text import count
 
-# Idle actors kept between the runs of one process on the Ray it started (distbp.train and the
-# estimators, cluster.keep): a later run with the same worker options renews them instead of
-# starting new processes (about 1 s a run on 2 cores). {"job": the Ray job they belong to,
-# "key": their options, "workers": [...], "servers": [...]}. A run takes them all at its
-# start and kills the ones it cannot use, so no idle actor holds a CPU while a run places its own.
+# Idle actors kept between the runs of one process on the Ray that distbp started and keeps for
+# it (distbp.init, distbp.train, the estimators: cluster.keep), whatever kind of run made them:
+# a later run with the same worker options renews them instead of starting new processes
+# (about 1 s a run on 2 cores). {"job": the Ray job they belong to, "key": their options,
+# "workers": [...], "servers": [...]}. A run takes them all at its start and kills the ones it
+# cannot use, so no idle actor holds a CPU while a run places its own.
 _IDLE = {"job": None, "key": None, "workers": [], "servers": []}
 PARK_S = 5  # an actor that does not park within this is killed instead
 START_S = 60  # what starting a worker process may take, before cluster.wait_for_nodes_s counts

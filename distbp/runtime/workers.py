@@ -66,7 +66,7 @@ class ShardWorker(DirectWorker):
 
     def park(self):
         """Drop the run's links, rows and weights: the process waits, idle, for a later run of
-        the same process's kept Ray (distbp.train, the estimators) to `renew` it."""
+        the same process on the Ray that distbp keeps for it (cluster.keep) to `renew` it."""
         if self.__dict__:
             self.disconnect()
             self.__dict__.clear()
