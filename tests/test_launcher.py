@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ class Laptop:
     """The user's machine: runs `ray` commands with its own HOME and the token."""
 
     def __init__(self, home, cluster_file, port):
-        self.cluster_file, self.port = cluster_file, port
+        self.home, self.cluster_file, self.port = home, cluster_file, port
         home.mkdir(parents=True, exist_ok=True)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         self.env.update(
@@ -122,6 +123,22 @@ class Laptop:
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
+
+    def api(self, path):
+        """GET `path` from the dashboard through the `ray dashboard` tunnel, with the token: the
+        HTTP API behind `ray job status`, `ray job logs` and `ray list nodes`. The waits poll this
+        once a second; a `ray` command there would start a Python process (about 1 CPU-s) each
+        time, which the runs being waited for need. None while it does not answer."""
+        token = (self.home / ".ray" / "auth_token").read_text().strip()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers={"Authorization": f"Bearer {token}"})
+        try:
+            with _NO_PROXY.open(request, timeout=30) as reply:
+                return json.load(reply)
+        except (OSError, ValueError):
+            return None
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the tunnel is on loopback
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +185,11 @@ def wait_for(predicate, timeout_s, what):
 
 
 def alive_nodes(laptop):
-    proc = laptop.ray("exec", str(laptop.cluster_file), "ray list nodes --format json --filter state=ALIVE", check=False, timeout=60)
+    """How many nodes Ray counts as alive (the state API of `ray list nodes`); -1 while it does not answer."""
+    reply = laptop.api("/api/v0/nodes?limit=1000&detail=false")
     try:
-        return len(json.loads(proc.stdout[proc.stdout.index("[{"):proc.stdout.rindex("}]") + 2]))
-    except ValueError:
+        return sum(node["state"] == "ALIVE" for node in reply["data"]["result"]["result"])
+    except (KeyError, TypeError):
         return -1
 
 
@@ -220,6 +238,19 @@ def submit(c, job, name, extra=()):
 
 
 def job_status(c, name):
+    """The run's state as the job API gives it (what `ray job status` prints), or UNKNOWN."""
+    reply = c["laptop"].api(f"/api/jobs/{name}")
+    return reply.get("status", "UNKNOWN") if isinstance(reply, dict) else "UNKNOWN"
+
+
+def job_logs(c, name):
+    """The run's output so far, from the job API (what `ray job logs` prints)."""
+    reply = c["laptop"].api(f"/api/jobs/{name}/logs")
+    return reply.get("logs", "") if isinstance(reply, dict) else ""
+
+
+def cli_job_status(c, name):
+    """The run's state as `ray job status` prints it."""
     proc = c["laptop"].ray("job", "status", name, check=False, timeout=60)
     out = (proc.stdout + proc.stderr).lower()
     for state in ("succeeded", "failed", "stopped", "running", "pending"):
@@ -274,7 +305,8 @@ def test_submit_logs_fetch_bit_identical(cluster):
     name = submit(cluster, JOB, "spirals-1")
     wait_for(lambda: job_status(cluster, name) in ("SUCCEEDED", "FAILED", "STOPPED"), 300, "the submitted run")
     logs = cluster["laptop"].ray("job", "logs", name).stdout
-    assert job_status(cluster, name) == "SUCCEEDED", logs[-3000:]
+    assert cli_job_status(cluster, name) == "SUCCEEDED", logs[-3000:]
+    assert "done: 300 steps" in job_logs(cluster, name)  # the API the waits poll sees the same run
     assert "step 300/300" in logs and "done: 300 steps" in logs, logs[-3000:]
     fetched = fetch(cluster, name)
     rows = list(csv.DictReader(open(fetched / "metrics.csv")))
@@ -360,7 +392,7 @@ def test_cut_link_worker_replaced_bit_identical(cluster):
         victim.link(False)
         t_cut = time.monotonic()
         try:
-            wait_for(lambda: "lost; starting a replacement" in cluster["laptop"].ray("job", "logs", name).stdout, 120, "the lost worker to be noticed")
+            wait_for(lambda: "lost; starting a replacement" in job_logs(cluster, name), 120, "the lost worker to be noticed")
             noticed_s = time.monotonic() - t_cut
         finally:
             victim.link(True)
@@ -449,7 +481,7 @@ def test_elastic_run_shrinks_when_a_host_leaves_and_grows_when_it_returns(cluste
         victim.link(False)
         held = []
         try:
-            wait_for(lambda: "going on with 3 workers" in cluster["laptop"].ray("job", "logs", name).stdout, 180, "the run to shrink")
+            wait_for(lambda: "going on with 3 workers" in job_logs(cluster, name), 180, "the run to shrink")
             # The driver is held (SIGSTOP) until Ray on the returning host is back, so that the
             # run is still going then however fast this machine steps; its actors just wait.
             held = driver_pids(cluster, name)
@@ -492,8 +524,8 @@ def test_elastic_run_shrinks_when_a_host_leaves_and_grows_when_it_returns(cluste
 
 def test_down_stops_ray_on_every_host(cluster):
     """`ray down` stops Ray on the head at once. With `provider: type: local` it does not log in
-    to the worker machines; their Ray exits by itself once the head is gone (Ray's GCS reconnect
-    timeout, 60 s)."""
+    to the worker machines; their Ray exits by itself once the head is gone (the raylet after the
+    shipped GCS reconnect timeout, 30 s, and the node's agents a fixed 60 s after it)."""
     cluster["laptop"].ray("down", "-y", str(cluster["file"]), timeout=300)
 
     def ray_left(host):
