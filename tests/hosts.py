@@ -55,9 +55,10 @@ def ensure_packages():
     if os.path.exists(SSHD) and shutil.which("rsync") and shutil.which("ssh"):
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "openssh-server", "openssh-client", "rsync"]
+    wait = ["-o", "DPkg::Lock::Timeout=300"]  # another apt (a machine's start-up) may hold the lock
+    install = ["apt-get", *wait, "install", "-y", "-q", "openssh-server", "openssh-client", "rsync"]
     if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
-        _run("apt-get", "update", "-q", env=env, timeout=600)
+        _run("apt-get", *wait, "update", "-q", env=env, timeout=600)
         _run(*install, env=env, timeout=600)
 
 
