@@ -9,7 +9,7 @@ acknowledgements and Ray's own messages included). Needs root on Linux.
 
     sudo .venv/bin/python benchmarks/network.py [--rates 100mbit,1gbit] [--workers 2,3]
         [--servers 1,2,per_worker] [--peers ddp] [--repeats 3] [--layers 256,1024,256,10]
-        [--rows 512] [--json FILE]
+        [--rows 512] [--tcp-congestion auto|system] [--json FILE]
 
 Hosts: h1 the Ray head and the driver (0 CPUs, a `ps` resource), h2 a second parameter
 host (0 CPUs, `ps`), h3.. one shard worker each (1 CPU). S = 1 puts the parameter actor on
@@ -130,11 +130,11 @@ def start_ray(cluster, venv, workers):
     raise RuntimeError(f"the Ray cluster did not reach {2 + workers} nodes (last count: {alive[-1] if alive else '-'})")
 
 
-def run_job(head, job, workers, steps, venv):
+def run_job(head, job, workers, steps, venv, congestion=None):
     """One distbp run with the driver on the head; the median seconds per step after WARMUP."""
     out = "/tmp/network-run"
     cmd = (f"cd {ROOT} && {CLEAN_ENV} {venv}/distbp run {job} --address {head.ip}:{PORT} --workers {workers} "
-           f"--out {out} --force --quiet --set train.steps={steps}")
+           f"--out {out} --force --quiet --set train.steps={steps}" + (f" --set cluster.tcp_congestion={congestion}" if congestion else ""))
     done = head.run(cmd, timeout=RUN_TIMEOUT_S, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"distbp run failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -237,6 +237,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", default="256,1024,256,10")
     parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--tcp-congestion", choices=["auto", "system"], help="the jobs' cluster.tcp_congestion (default: the job's default, auto)")
     parser.add_argument("--prefix", default="dbs", help="names of the hosts' namespaces and bridge (tests/hosts.py)")
     parser.add_argument("--subnet", default="10.213.8", help="the bridge's /24, without the last number")
     parser.add_argument("--json", dest="json_path", help="also write the calibration and every run here")
@@ -285,14 +286,14 @@ def main():
                     for r in range(args.repeats):
                         print(f"{rate} K={k} S={s} run {r + 1}/{args.repeats}: {steps} steps, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
                         before = link_bytes(cluster.hosts)
-                        runs.append(run_ddp(cluster, layers, args.rows, k, steps, venv) if s == "ddp" else run_job(head, jobs[s], k, steps, venv))
+                        runs.append(run_ddp(cluster, layers, args.rows, k, steps, venv) if s == "ddp" else run_job(head, jobs[s], k, steps, venv, args.tcp_congestion))
                         done = steps - 1 if s == "ddp" else steps  # DDP: WARMUP + steps - WARMUP - 1 (ddp_rank.py)
                         moved.append([[(b - a) / done / 1e6 for a, b in zip(x, y)] for x, y in zip(before, link_bytes(cluster.hosts))])
                     points.append({"rate": rate, "workers": k, "servers": s, "predicted": predicted, "runs": runs,
                                    "measured": statistics.median(runs), "load": os.getloadavg(), "mb_per_step": moved})
         print(table(report, points))
         if args.json_path:
-            Path(args.json_path).write_text(json.dumps({"calibration": report, "points": points}, indent=1))
+            Path(args.json_path).write_text(json.dumps({"calibration": report, "tcp_congestion": args.tcp_congestion or "auto", "points": points}, indent=1))
     finally:
         for host in cluster.hosts:
             try:

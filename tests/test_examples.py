@@ -102,7 +102,8 @@ def test_the_example_runs_with_stderr_piped(repo, name):
     assert all(re.match(r"step \d+/\d+ loss \S+ .*(\d+\.\d steps/s ETA \d+:\d\d:\d\d|-- steps/s ETA --)", line) for line in progress), progress
     assert len(progress) <= 11  # every tenth of the steps (or 10 s), not every step
     if name == "tiny":  # --verbose: the set-up and the phases
-        assert "setup: 2 workers, 1 parameter actor, 256 training rows, 337 parameters, engine direct" in proc.stderr
+        # the links' TCP congestion control (cluster.tcp_congestion: auto) as the workers' sockets report it
+        assert "setup: 2 workers, 1 parameter actor, 256 training rows, 337 parameters, engine direct (TCP reno)" in proc.stderr
         phases = next(line for line in proc.stderr.splitlines() if line.startswith("phases: "))
         for phase in ("imports", "ray_start", "actor_start", "data_read", "first_step", "plot", "shutdown"):
             assert f"{phase} " in phases, phases

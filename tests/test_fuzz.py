@@ -283,6 +283,7 @@ SCHEMA_BAD = {
     "cluster.elastic": st.one_of(st.integers(), WORDS, NULL, CONTAINERS, st.floats(allow_nan=False)),
     "cluster.min_workers": bad_number(integer=True, ge=1),
     "cluster.engine": bad_choice(("direct", "tasks")),
+    "cluster.tcp_congestion": bad_choice(("auto", "system")),
     "cluster.blas_kernel": st.one_of(st.integers(), NULL, CONTAINERS, st.booleans(), st.sampled_from(["", "Has well", "9x", "a/b", "x" * 40])),
     "output": not_a_mapping(),
     "output.dir": NOT_A_STRING,

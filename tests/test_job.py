@@ -170,6 +170,7 @@ def test_unknown_keys_suggest_the_closest(d, expected):
     (minimal(data={"features": ["a", "a"]}), "data.features[1]: column 'a' is listed twice"),
     (minimal(data={"validation": [0.1]}), "data.validation: expected null, a fraction 0 < f < 1 or a path"),
     (minimal(data={"make": {"kind": "moons"}}), "data.make.kind: expected one of xor | spirals"),
+    (minimal(cluster={"tcp_congestion": "cubic"}), "cluster.tcp_congestion: expected one of auto | system, got 'cubic'"),
     (minimal(train={"batch": "half"}), "train.batch: expected full or an integer >= 1, got 'half'"),
     ({"model": {"layers": [2, 3]}}, "data.path: required"),
     ({"data": {"path": "x.csv"}}, "model.layers: required"),

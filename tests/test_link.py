@@ -287,3 +287,23 @@ def test_a_gradient_that_turns_infinite_part_way_leaves_an_actor_that_refuses_to
             again()
     beside.close()
     elsewhere.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_CONGESTION"), reason="the kernel names a socket's congestion control on Linux only")
+@pytest.mark.parametrize("choice", ["auto", "system"])
+def test_links_use_the_congestion_control_that_cluster_tcp_congestion_names(choice):
+    """cluster.tcp_congestion: auto gives both ends of every link Reno; system leaves the
+    kernel's default (this machine's /proc/sys/net/ipv4/tcp_congestion_control)."""
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+        default = f.read().strip()
+    want = {"auto": "reno", "system": default}[choice]
+    server, address = link.listen("127.0.0.1")
+    secret = b"s" * 32
+    accepted = []
+    far = threading.Thread(target=lambda: accepted.extend(link.accept(server, 2, secret, 30, link.CONGESTION[choice])))
+    far.start()
+    ours = [link.connect(address, rank, secret, 30, link.CONGESTION[choice]) for rank in range(2)]
+    far.join(timeout=60)
+    assert not far.is_alive() and len(accepted) == 2
+    assert [link.congestion(s) for s in ours + accepted] == [want] * 4
+    link.close(ours + accepted)

@@ -81,6 +81,20 @@ def test_parameter_servers_split_the_vector_without_changing_bits(ray_session, m
             assert np.array_equal(runs[1][key], runs["per_worker"][key]), key
 
 
+@pytest.mark.skipif(not hasattr(__import__("socket"), "TCP_CONGESTION"), reason="Linux names a socket's congestion control")
+def test_the_links_use_the_congestion_control_of_cluster_tcp_congestion(ray_session, make_job):
+    """The direct engine's links, as the workers' own sockets report it: Reno with auto, the
+    kernel's default with system; the weights do not depend on it."""
+    with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+        default = f.read().strip()
+    runs = {}
+    for choice, want in (("auto", "reno"), ("system", default)):
+        trainer = Trainer(load(make_job(rows=120, name=f"cc-{choice}"), ["train.steps=4", f"cluster.tcp_congestion={choice}"]))
+        runs[choice] = model_arrays(trainer.run().model_path)
+        assert trainer.engine.congestion == [want]
+    assert all(np.array_equal(runs["auto"][k], runs["system"][k]) for k in runs["auto"] if k != "spec")
+
+
 def test_run_folder_outputs(ray_session, make_job):
     import csv
     import json

@@ -354,6 +354,7 @@ class ClusterCfg:
     min_workers: int = _int(1, ge=1)  # elastic: below this many workers the run stops
     blas_kernel: str = _spec("auto", _check_kernel)  # auto, or the OpenBLAS kernel every worker runs
     engine: str = _one_of("direct", "tasks")  # how steps are carried out: links between the actors, or Ray tasks
+    tcp_congestion: str = _one_of("auto", "system")  # the direct engine's links: auto (Reno) or the kernel's default
 
 
 @dataclass(frozen=True)

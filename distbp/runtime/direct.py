@@ -33,14 +33,15 @@ PART_BYTES = 128 << 10  # a parameter actor steps its slice, and sends it on, th
 class DirectWorker:
     """A shard worker's side of the links (ShardWorker takes it on)."""
 
-    def connect(self, endpoints, secret, timeout_s, same_node):
-        """Open this worker's link to each parameter actor (their Endpoints, in slice order).
-        With an actor on this node (same_node[i]) its weights are read
-        from its shared-memory segment, and this worker's gradient is written to a segment of
-        its own, whose path it returns (else None)."""
+    def connect(self, endpoints, secret, timeout_s, same_node, congestion=None):
+        """Open this worker's link to each parameter actor (their Endpoints, in slice order),
+        with the TCP congestion control `congestion` (None: the system's). With an actor on
+        this node (same_node[i]) its weights are read from its shared-memory segment, and this
+        worker's gradient is written to a segment of its own. Returns (that segment's path or
+        None, the congestion control the links use)."""
         self.disconnect()
         spec = self.plan.spec
-        self.links = [link.connect((e.host, e.port), self.plan.rank, secret, timeout_s) for e in endpoints]
+        self.links = [link.connect((e.host, e.port), self.plan.rank, secret, timeout_s, congestion) for e in endpoints]
         self.shared_w = [
             shm.attach(path, b - a, spec.np_dtype) if near and path else None
             for path, near, (a, b) in zip((e.segment for e in endpoints), same_node, self.slices)
@@ -50,7 +51,7 @@ class DirectWorker:
         if any(w is not None for w in self.shared_w):
             self.grad_segment = shm.Segment(spec.num_params, spec.np_dtype)
             self.grad_out = self.grad_segment.array
-        return self.grad_segment and self.grad_segment.path
+        return self.grad_segment and self.grad_segment.path, link.congestion(self.links[0])
 
     def serve(self):
         """Run steps as the parameter actors send them, until they end the window. Per step:
@@ -136,8 +137,8 @@ class DirectServer:
             self.w = self.segment.array  # updated in place from now on, where the workers read it
         return Endpoint(host, port, self.segment and self.segment.path)
 
-    def accept(self, num_workers, secret, timeout_s):
-        self.links = link.accept(self.server_socket, num_workers, secret, timeout_s)
+    def accept(self, num_workers, secret, timeout_s, congestion=None):
+        self.links = link.accept(self.server_socket, num_workers, secret, timeout_s, congestion)
         self.recv_buf = np.empty_like(self.w)
         self.sent_ahead = False  # the workers elsewhere hold this slice's current weights (run)
         return True
@@ -291,12 +292,15 @@ class DirectEngine:
         nodes = [w["node_id"] for w in get([a.where.remote() for a in workers + servers])]
         near = [[nodes[len(workers) + i] == nodes[k] for k in range(len(workers))] for i in range(len(servers))]
         secret = secrets.token_bytes(32)
+        congestion = link.CONGESTION[self.actors.job.cluster.tcp_congestion]
         endpoints = get([s.listen.remote(any(near[i])) for i, s in enumerate(servers)])
-        accepted = [s.accept.remote(len(workers), secret, CONNECT_S) for s in servers]
-        paths = get([w.connect.remote(endpoints, secret, CONNECT_S, [row[k] for row in near]) for k, w in enumerate(workers)] + accepted)
+        accepted = [s.accept.remote(len(workers), secret, CONNECT_S, congestion) for s in servers]
+        connected = get([w.connect.remote(endpoints, secret, CONNECT_S, [row[k] for row in near], congestion) for k, w in enumerate(workers)] + accepted)
+        paths = [path for path, _ in connected[: len(workers)]]
+        self.congestion = sorted({cc for _, cc in connected[: len(workers)] if cc})
         shared = [[bool(near[i][k] and endpoints[i].segment) for i in range(len(servers))] for k in range(len(workers))]
         get([
-            s.attach.remote([p if shared[k][i] else None for k, p in enumerate(paths[: len(workers)])], a, b)
+            s.attach.remote([p if shared[k][i] else None for k, p in enumerate(paths)], a, b)
             for i, (s, (a, b)) in enumerate(zip(servers, self.actors.slices))
         ])
         get([w.seal_segment.remote() for w in workers])  # mapped by all: no process may open one now

@@ -33,19 +33,38 @@ USER_TIMEOUT_MS = 25_000
 # the mean 0.61 -> 0.36 ms (the slow tail is what goes).
 POLL_S = 300e-6
 GREETING_S = 5.0  # how long a new connection to a parameter actor may take to say who it is
+# The TCP congestion control of the links (cluster.tcp_congestion). In a step every node sends
+# gradient slices to, and new weights from, K - 1 others at once, starting together from idle.
+# With BBR (the kernel's default on some systems) those flows shared rate-limited links badly:
+# measured at K = 3 over 100 Mbit/s, a step took 1.14x a DDP ring's; with Reno 0.99x
+# (docs/scaling.md). Reno is built into every Linux kernel and any process may choose it.
+CONGESTION = {"auto": "reno", "system": None}
 
 
 class LinkError(ConnectionError):
     """A link to a worker or parameter actor broke: the peer died or its node was lost."""
 
 
-def _tune(sock):
+def _tune(sock, congestion=None):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a step is a request and a reply
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in {**KEEPALIVE, "TCP_USER_TIMEOUT": USER_TIMEOUT_MS}.items():
         if hasattr(socket, name):  # Linux; elsewhere the system's defaults
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    if congestion and hasattr(socket, "TCP_CONGESTION"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+        except OSError:  # not in this kernel, or not allowed here: the system's default stays
+            pass
     return sock
+
+
+def congestion(sock):
+    """The TCP congestion control `sock` uses ('reno', 'bbr', ...), or None where the system
+    does not say (not Linux)."""
+    if not hasattr(socket, "TCP_CONGESTION"):
+        return None
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0", 1)[0].decode()
 
 
 def listen(host):
@@ -56,8 +75,9 @@ def listen(host):
     return server, (host, server.getsockname()[1])
 
 
-def accept(server, count, secret, timeout_s):
-    """`count` worker connections that present `secret`, in rank order, within `timeout_s`.
+def accept(server, count, secret, timeout_s, congestion=None):
+    """`count` worker connections that present `secret`, in rank order, within `timeout_s`,
+    each with the TCP congestion control `congestion` (None: the system's default).
     The listening port is open to every process on the node, so no caller is trusted: each
     connection gets GREETING_S to send its greeting, all are read side by side, and one that is
     silent, short, garbled or not of this run is dropped while the others go on."""
@@ -94,7 +114,7 @@ def accept(server, count, secret, timeout_s):
                     sock.close()  # closed early, or not one of this run's workers
                     continue
                 sock.settimeout(None)
-                links[rank] = _tune(sock)
+                links[rank] = _tune(sock, congestion)
     except BaseException as err:
         close(list(links.values()) + list(pending))
         if isinstance(err, OSError) and not isinstance(err, LinkError):
@@ -105,11 +125,11 @@ def accept(server, count, secret, timeout_s):
     return [links[k] for k in range(count)]
 
 
-def connect(address, rank, secret, timeout_s):
+def connect(address, rank, secret, timeout_s, congestion=None):
     conn = socket.create_connection(tuple(address), timeout=timeout_s)
     conn.sendall(HELLO.pack(rank, secret))
     conn.settimeout(None)
-    return _tune(conn)
+    return _tune(conn, congestion)
 
 
 def poll(conn, seconds=POLL_S):
