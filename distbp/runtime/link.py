@@ -36,7 +36,7 @@ GREETING_S = 5.0  # how long a new connection to a parameter actor may take to s
 # The TCP congestion control of the links (cluster.tcp_congestion). In a step every node sends
 # gradient slices to, and new weights from, K - 1 others at once, starting together from idle.
 # With BBR (the kernel's default on some systems) those flows shared rate-limited links badly:
-# measured at K = 3 over 100 Mbit/s, a step took 1.14x a DDP ring's; with Reno 0.99x
+# measured at K = 3 over 100 Mbit/s, a step took 1.12x a DDP ring's; with Reno 0.99x
 # (docs/scaling.md). Reno is built into every Linux kernel and any process may choose it.
 CONGESTION = {"auto": "reno", "system": None}
 
