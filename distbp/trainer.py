@@ -135,7 +135,7 @@ class Trainer:
                 if ckpt is None:
                     outputs.undo_begin()
                 raise StoppedAtStart(self.stop_requested, ckpt.step if ckpt else 0)
-            links = getattr(self.engine, "congestion", None)  # the direct engine's: what its TCP links use
+            links = self.engine.congestion  # what the engine's TCP links use
             self.detail(
                 f"setup: {count(len(self.workers), 'worker')}, {count(len(self.servers), 'parameter actor')}, "
                 f"{count(self.actors.n_train, 'training row')}, {count(prep.spec.num_params, 'parameter')}, engine {self.engine.name}"

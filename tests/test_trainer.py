@@ -2,6 +2,7 @@
 
 import glob
 import os
+import socket
 import time
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_parameter_servers_split_the_vector_without_changing_bits(ray_session, m
             assert np.array_equal(runs[1][key], runs["per_worker"][key]), key
 
 
-@pytest.mark.skipif(not hasattr(__import__("socket"), "TCP_CONGESTION"), reason="Linux names a socket's congestion control")
+@pytest.mark.skipif(not hasattr(socket, "TCP_CONGESTION"), reason="Linux names a socket's congestion control")
 def test_the_links_use_the_congestion_control_of_cluster_tcp_congestion(ray_session, make_job):
     """The direct engine's links, as the workers' own sockets report it: Reno with auto, the
     kernel's default with system; the weights do not depend on it."""

@@ -3,6 +3,7 @@
     handle = engine.submit(orders)    # a window of steps; returns at once
     results = engine.collect(handle)  # per order, its StepInfos (one per parameter actor)
     engine.rebuild()                  # after actors were replaced or restored
+    engine.congestion                 # the TCP congestion control its links use (none: [])
     engine.close()
 
 Windows run in the order submitted. The driver reads them through a `Stream`, which submits
@@ -36,6 +37,7 @@ from distbp.runtime.messages import apply_parts, split_step_returns
 class TaskEngine:
     name = "tasks"
     in_flight = FIRST_WINDOW  # steps submitted ahead
+    congestion = []  # no links of its own: Ray carries every step
 
     def __init__(self, actors):
         self.actors = actors
