@@ -11,10 +11,12 @@ Then network faults: a worker host's cable pulled mid-run (the worker is replace
 and the weights come out bit-identical; when the cable is back, nothing is corrupted or repeated),
 and a rate-limited link (slow, never taken for dead).
 
-Needs root (namespaces, a bridge, sshd). Marked `launcher`: `.ci/run` runs these as a step of
-their own. Run them alone with `python -m pytest -n 0 -m launcher`."""
+Needs root (namespaces, a bridge, sshd) and Ray's dashboard (`pip install -e '.[test,launcher]'`).
+Marked `launcher`: `.ci/run` runs these as a step of their own. Run them alone with
+`python -m pytest -n 0 -m launcher`."""
 
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -41,6 +43,15 @@ ONPREM = ROOT / "docs" / "onprem-cluster.yaml"
 WHY = hostlib.unavailable()
 if WHY:
     pytest.skip(f"the launcher tests need hosts on this machine: {WHY}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dashboard_installed():
+    """`ray dashboard`, `ray job` and the head's job API need Ray's dashboard (ray[default]),
+    which the suite's install leaves out: say so before any host is built."""
+    if importlib.util.find_spec("aiohttp") is None:
+        pytest.fail("the launcher tests need Ray's dashboard: pip install -e '.[test,launcher]'", pytrace=False)
+
 
 N_WORKER_HOSTS = 3
 # The kernel OpenBLAS runs in this process. The hosts' Ray, started over ssh, does not inherit
