@@ -154,7 +154,7 @@ class Trainer:
             if started:
                 import ray
 
-                ray.shutdown()
+                cluster.stop(ray)
             self.phases["shutdown"] = time.perf_counter() - t
             plot = outputs.plot_done()  # drawn while the actors and Ray shut down
             outputs.close()
@@ -166,7 +166,7 @@ class Trainer:
         """Start or join Ray. True when this run started it and is to shut it down: the command
         line's runs do; the Python API's keep it for the next call (cluster.keep)."""
         connect = cluster.keep if self.keep_ray else cluster.connect
-        return connect(c.address, c.workers * c.cpus_per_worker, c.connect_timeout_s, self.phases)
+        return connect(c.address, c.workers * c.cpus_per_worker, c.connect_timeout_s, self.phases, beside=self.outputs.prepare_plot)
 
     def _catch_signals(self):
         """SIGINT and SIGTERM: checkpoint after the step under way, then stop (Interrupted,

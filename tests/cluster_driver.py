@@ -48,6 +48,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from distbp.api import load  # noqa: E402
 from distbp.errors import DistbpError  # noqa: E402
 from distbp.runtime.actors import end_idle  # noqa: E402
+from distbp.runtime.cluster import stop  # noqa: E402
 from distbp.trainer import Trainer  # noqa: E402
 
 FAST_HEALTH_CHECKS = {  # notice a lost node in about a second, not half a minute
@@ -95,7 +96,7 @@ def main():
     if args.cli:
         reports = [run_cli(cluster, args, r) for r in range(args.runs)]
         print(json.dumps(reports[0] if args.runs == 1 else {"runs": reports}))
-        cluster.shutdown()
+        finish(cluster)
         return max(r["returncode"] for r in reports)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     if args.plan:
@@ -113,8 +114,7 @@ def main():
             while len(nodes) < args.nodes - 1:
                 add_node(cluster, nodes)
         print(json.dumps({"plan": reports}))
-        ray.shutdown()
-        cluster.shutdown()
+        finish(cluster)
         return 0
     reports = []
     for r in range(args.runs):
@@ -123,12 +123,17 @@ def main():
             reports.append(run_once(cluster, nodes, args, out))
         except DistbpError as err:  # as the command line reports it
             print(f"error: {err}", file=sys.stderr)
-            ray.shutdown()
-            cluster.shutdown()
+            finish(cluster)
             return err.exit_code
     report = reports[0] if args.runs == 1 else {"runs": reports}
     print(json.dumps(report))
-    ray.shutdown()
+    finish(cluster)
+
+
+def finish(cluster):
+    """Leave the cluster and stop it, its head's autoscaler monitor first (distbp's stop: Ray
+    would wait a second for it)."""
+    stop(ray)
     cluster.shutdown()
 
 

@@ -55,11 +55,15 @@ def test_embedded_ray_listens_on_loopback_only(make_job, tmp_path):
         sockets = listening_addresses(proc.pid)
         assert len(sockets) >= 3, sockets  # gcs, raylet, object manager at least
         assert all(ip in LOOPBACK for _, ip, _ in sockets), sockets
-    finally:
+        tree = psutil.Process(proc.pid).children(recursive=True)  # its Ray: daemons and workers
+        assert any("monitor.py" in " ".join(p.cmdline()) for p in tree)  # which the stop kills first
         proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "autoscaler" not in err, err  # its end reported nowhere
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, alive  # nothing of its Ray is left running
+    finally:
+        if proc.poll() is None:
             proc.kill()
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from distbp.errors import UsageError
 
+from conftest import write_job
+
 pytest.importorskip("matplotlib")
 from distbp.run.plot import figure, plot_run  # noqa: E402
 
@@ -159,3 +161,18 @@ def test_importing_the_module_needs_no_matplotlib_ray_or_click():
             "print([m for m in ('ray', 'click', 'matplotlib') if sys.modules.get(m) is not None])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("plot", [True, False])
+def test_a_run_that_draws_a_plot_imports_matplotlib_in_a_thread_while_ray_starts(tmp_path, plot):
+    """RunOutputs.prepare_plot (cluster.connect's `beside`) loads what plot_run needs in a
+    background thread, and nothing for a run without a plot (output.plot: false)."""
+    job = write_job(tmp_path, output={"dir": str(tmp_path / "runs" / "t"), "plot": plot})
+    code = (
+        "import sys, threading; from distbp.api import load; from distbp.run.outputs import RunOutputs; "
+        f"RunOutputs(load({str(job)!r}), False, False, print).prepare_plot(); "
+        "[t.join() for t in threading.enumerate() if t.name == 'distbp-plot-import']; "
+        "print(sorted(m for m in ('matplotlib.figure', 'matplotlib.backends.backend_agg') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ("['matplotlib.backends.backend_agg', 'matplotlib.figure']" if plot else "[]")

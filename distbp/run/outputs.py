@@ -14,7 +14,7 @@ from distbp import faults
 from distbp.data.job import job_hash, job_to_dict
 from distbp.errors import TrainingError, UsageError, WriteFailed
 from distbp.run import checkpoint, rundir
-from distbp.run.plot import plot_run
+from distbp.run.plot import import_in_background, plot_run
 from distbp.runtime import blas
 from distbp.runtime.messages import delta_means, figures, layer_norms, rows_of
 from distbp.text import count
@@ -263,6 +263,12 @@ class RunOutputs:
         if self.remote:
             return self.remote.has("model.npz")
         return os.path.isfile(os.path.join(self.out_dir, "model.npz"))
+
+    def prepare_plot(self):
+        """Import matplotlib in the background now, if the run draws a plot: the run calls this
+        as Ray starts (cluster.connect's `beside`)."""
+        if self.job.output.plot:
+            import_in_background()
 
     def finish(self, phases):
         """Close metrics.csv and upload the last files; plot.png is drawn in a thread, beside

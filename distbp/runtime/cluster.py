@@ -32,6 +32,11 @@ QUIET_DAEMONS = {
     "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
     "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
     "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
+    # Ray's log monitor passes what workers print to the drivers that ask for it; distbp's do
+    # not (log_to_driver=False). By default it lists the log folder 10 times a second, a cost
+    # that grows with every worker the Ray has started: once a minute here.
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "60",
 }
 
 
@@ -97,10 +102,12 @@ def _wait_for_port(address, timeout_s):
             time.sleep(0.2)
 
 
-def connect(address, num_cpus, timeout_s=30, phases=None):
+def connect(address, num_cpus, timeout_s=30, phases=None, beside=None):
     """Start an embedded Ray (address None) or join `address`. Reuses a Ray that is already
     initialised in this process. Returns True when this call started Ray, so the caller
-    knows whether it may shut it down. `phases` gets the seconds of imports and ray_start."""
+    knows whether it may shut it down. `phases` gets the seconds of imports and ray_start.
+    `beside()` is called just before Ray starts or is joined (to start work in a thread that
+    overlaps the start, which is mostly waiting)."""
     phases = {} if phases is None else phases
     choose_mode(address)
     t = time.perf_counter()
@@ -110,6 +117,8 @@ def connect(address, num_cpus, timeout_s=30, phases=None):
     if ray.is_initialized():
         phases["ray_start"] = 0.0
         return False
+    if beside is not None:
+        beside()
     t = time.perf_counter()
     try:
         return _start(ray, address, num_cpus, timeout_s)
@@ -122,7 +131,7 @@ def connect(address, num_cpus, timeout_s=30, phases=None):
 _KEPT = {"held": False, "address": None, "cpus": 0, "exit_hook": False}
 
 
-def keep(address, num_cpus, timeout_s=30, phases=None, cpus=None):
+def keep(address, num_cpus, timeout_s=30, phases=None, cpus=None, beside=None):
     """For Python callers (distbp.train, the estimators): like `connect`, but the Ray it starts
     or joins is kept for the later calls of the process, and shut down at exit or by
     `shutdown()`. A Ray the caller started is used and never shut down. An embedded Ray is
@@ -138,7 +147,7 @@ def keep(address, num_cpus, timeout_s=30, phases=None, cpus=None):
             return False
         shutdown()  # ours, but not what this call asks for
     cpus = cpus or max(os.cpu_count() or 1, num_cpus)
-    if connect(address, cpus, timeout_s, phases):
+    if connect(address, cpus, timeout_s, phases, beside):
         if not _KEPT["exit_hook"]:
             atexit.register(shutdown)
         _KEPT.update(held=True, address=address, cpus=cpus, exit_hook=True)
@@ -159,7 +168,26 @@ def shutdown():
     _KEPT.update(held=False, address=None, cpus=0)
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        ray.shutdown()
+        stop(ray)
+
+
+def stop(ray):
+    """ray.shutdown(), a second sooner for a Ray this process started. Ray stops its daemons
+    one by one, the GCS before the autoscaler's monitor, and then waits a second for the
+    monitor, which tries to report its end to the GCS that is gone. On a Ray without an
+    autoscaler (the embedded one) the monitor has nothing to do: it is killed first. A Ray
+    this process joined has no monitor among its children, and only disconnects."""
+    import psutil
+
+    monitor = os.path.join("autoscaler", "_private", "monitor.py")
+    for child in psutil.Process().children():
+        try:
+            if any(arg.endswith(monitor) for arg in child.cmdline()):
+                child.kill()
+                child.wait(timeout=1)
+        except psutil.Error:  # gone already, or not ours to see
+            pass
+    ray.shutdown()
 
 
 def _start(ray, address, num_cpus, timeout_s):
