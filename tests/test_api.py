@@ -14,25 +14,30 @@ import pytest
 import distbp
 from distbp.errors import UsageError
 
+# ray is imported after the first distbp.train: a process that imports it first has chosen Ray's
+# mode itself, and its Rays would listen on the machine's addresses, not on loopback only.
 SCRIPT = r"""
 import json, sys
 import numpy as np
-import distbp, ray
+import distbp
 
 job, out = sys.argv[1], sys.argv[2]
 report = {}
 
 def train(name, **extra):
     result = distbp.train(job, output__dir=f"{out}/{name}", output__plot=False, **extra)
+    import ray
     with np.load(result.model_path) as z:
         weights = {k: z[k].tobytes().hex() for k in z.files}
     return {"ray_start": result.phases["ray_start"], "gcs": ray.get_runtime_context().gcs_address, "weights": weights}
 
 def idle_pids():  # the processes of the actors kept for the next call
+    import ray
     from distbp.runtime.actors import _IDLE
     return sorted(w["pid"] for w in ray.get([a.where.remote() for a in _IDLE["workers"] + _IDLE["servers"]]))
 
 report["first"] = train("first")
+import ray
 report["idle_first"] = idle_pids()
 report["second"] = train("second")
 report["idle_second"] = idle_pids()
@@ -46,6 +51,14 @@ report["theirs"] = train("theirs")
 report["idle_theirs"] = idle_pids()
 distbp.shutdown()
 report["theirs_after_shutdown"] = ray.is_initialized()
+import psutil  # what the caller's Ray, started after distbp chose loopback mode, listens on
+listening = set()
+for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+    try:
+        listening |= {c.laddr.ip for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    except psutil.Error:
+        pass
+report["listening"] = sorted(listening)
 print(json.dumps(report))
 """
 
@@ -68,6 +81,7 @@ def test_train_keeps_one_embedded_ray_until_shutdown_and_leaves_the_callers_alon
     assert theirs["ray_start"] == 0 and theirs["weights"] == first["weights"]
     assert report["idle_theirs"] == []  # no idle actor holds a CPU of the caller's Ray
     assert report["theirs_after_shutdown"] is True  # the caller's Ray is not distbp's to shut down
+    assert report["listening"] and set(report["listening"]) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, report["listening"]
 
 
 def test_init_refuses_a_cpu_count_that_is_not_a_whole_number():

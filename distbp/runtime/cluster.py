@@ -175,18 +175,22 @@ def stop(ray):
     """ray.shutdown(), a second sooner for a Ray this process started. Ray stops its daemons
     one by one, the GCS before the autoscaler's monitor, and then waits a second for the
     monitor, which tries to report its end to the GCS that is gone. On a Ray without an
-    autoscaler (the embedded one) the monitor has nothing to do: it is killed first. A Ray
-    this process joined has no monitor among its children, and only disconnects."""
+    autoscaler (the embedded one) the monitor has nothing to do: it is killed first. Only the
+    monitor of the Ray this process is connected to, and only if this process started it (its
+    child): a Ray this process joined is left alone, and only disconnected from."""
     import psutil
 
-    monitor = os.path.join("autoscaler", "_private", "monitor.py")
-    for child in psutil.Process().children():
-        try:
-            if any(arg.endswith(monitor) for arg in child.cmdline()):
-                child.kill()
-                child.wait(timeout=1)
-        except psutil.Error:  # gone already, or not ours to see
-            pass
+    if ray.is_initialized():
+        script = os.path.join("autoscaler", "_private", "monitor.py")
+        ours = f"--gcs-address={ray.get_runtime_context().gcs_address}"
+        for child in psutil.Process().children():
+            try:
+                args = child.cmdline()
+                if any(a.endswith(script) for a in args) and ours in args:
+                    child.kill()
+                    child.wait(timeout=1)
+            except psutil.Error:  # gone already, or not ours to see
+                pass
     ray.shutdown()
 
 
