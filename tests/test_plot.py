@@ -164,9 +164,10 @@ def test_importing_the_module_needs_no_matplotlib_ray_or_click():
 
 
 @pytest.mark.parametrize("plot", [True, False])
-def test_a_run_that_draws_a_plot_imports_matplotlib_in_a_thread_while_ray_starts(tmp_path, plot):
-    """RunOutputs.prepare_plot (cluster.connect's `beside`) loads what plot_run needs in a
-    background thread, and nothing for a run without a plot (output.plot: false)."""
+def test_prepare_plot_imports_matplotlib_in_a_thread_and_nothing_without_a_plot(tmp_path, plot):
+    """RunOutputs.prepare_plot (which the trainer passes to cluster.connect as `beside`, to run
+    while Ray starts) loads what plot_run needs in a background thread, and nothing for a run
+    without a plot (output.plot: false)."""
     job = write_job(tmp_path, output={"dir": str(tmp_path / "runs" / "t"), "plot": plot})
     code = (
         "import sys, threading; from distbp.api import load; from distbp.run.outputs import RunOutputs; "
