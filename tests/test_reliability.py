@@ -238,10 +238,17 @@ def test_a_window_that_failed_reports_a_parameter_actors_own_error_before_the_lo
     def fails(err):
         raise err
 
-    refs = [fails.remote(LinkError("the peer closed the link")), fails.remote(TrainingError("training diverged at step 7: the loss or gradient is NaN or inf"))]
+    def failed(*errors):
+        """The calls, once they have failed: in a run, _own_error looks at calls that already ran
+        (its 5 s are for actors winding down), not at tasks still waiting for a worker process,
+        which on a loaded machine may take longer to start."""
+        refs = [fails.remote(err) for err in errors]
+        ray_session.wait(refs, num_returns=len(refs), timeout=120)
+        return refs
+
     with pytest.raises(TrainingError, match="diverged at step 7"):
-        DirectEngine._own_error(refs)
-    DirectEngine._own_error([fails.remote(LinkError("the peer closed the link"))])  # none of its own: nothing raised
+        DirectEngine._own_error(failed(LinkError("the peer closed the link"), TrainingError("training diverged at step 7: the loss or gradient is NaN or inf")))
+    DirectEngine._own_error(failed(LinkError("the peer closed the link")))  # none of its own: nothing raised
 
 
 @pytest.fixture(scope="module")
