@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 # Ray reads this when it is first imported: loopback mode, never the machine's address.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -25,6 +26,18 @@ FAST_FILES = {
     "test_sampling.py", "test_fuzz.py", "test_bad_input.py", "test_export.py", "test_link.py",
     "test_progress.py", "test_plot.py", "test_imports.py",
 }
+
+
+def pytest_configure(config):
+    """Where the environment turns bytecode caching off (PYTHONDONTWRITEBYTECODE), each of the
+    suite's processes (several hundred: Ray workers, CLI runs, cluster drivers) would compile
+    distbp's modules again, about 0.05 CPU-seconds each: the controller compiles them once."""
+    if sys.dont_write_bytecode and not hasattr(config, "workerinput"):
+        import compileall
+
+        import distbp
+
+        compileall.compile_dir(os.path.dirname(distbp.__file__), quiet=1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -61,7 +74,9 @@ def ray_address(ray_session):
 
 def write_job(folder, kind="spirals", rows=300, fmt="parquet", name="t", make_options=None, **sections):
     """Write a small job file (and its data) under `folder`; returns the job path. `sections`
-    are dicts merged into the defaults below."""
+    are dicts merged into the defaults below. Its runs draw no plot (`output.plot: false`):
+    matplotlib costs a new process about 0.8 CPU-seconds, and a suite of a few hundred runs
+    on 2 cores is CPU-bound. The tests of the plot ask for it, as do the jobs in jobs/."""
     from distbp.data import tables, datasets
 
     options = make_options or ({"classes": 3} if kind == "spirals" else {})
@@ -75,7 +90,7 @@ def write_job(folder, kind="spirals", rows=300, fmt="parquet", name="t", make_op
         "model": {"layers": [2, 8, 8, 3], "activation": "tanh", "dtype": "float64"},
         "train": {"steps": 5, "optimizer": {"name": "sgd", "lr": 0.5}, "eval_every": 2, "checkpoint_every": 3},
         "cluster": {"workers": 2, "chunk_rows": 64},
-        "output": {"dir": str(folder / "runs" / name)},
+        "output": {"dir": str(folder / "runs" / name), "plot": False},
     }
     for key, value in sections.items():
         job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value

@@ -30,7 +30,7 @@ def s3_env(tmp_path, monkeypatch):
 
 def test_run_folder_on_s3_holds_the_outputs_and_resumes(ray_session, make_job, s3_env, tmp_path):
     server, fs = s3_env
-    job = make_job(rows=120, name="remote", train={"steps": 6, "checkpoint_every": 3})
+    job = make_job(rows=120, name="remote", train={"steps": 6, "checkpoint_every": 3}, output={"plot": True})
     local = Trainer(load(job)).run()  # the same job with a local run folder
     uri = f"s3://{BUCKET}/runs/remote"
     result = Trainer(load(job, [f"output.dir={uri}"])).run()

@@ -148,7 +148,7 @@ def test_resuming_with_another_worker_count_warns_even_when_quiet(ray_session, m
     lines = resumed.output.splitlines()
     assert "warning: resuming with 1 worker instead of 2: results will differ within float tolerance" in lines
     assert not any(line.startswith(("step ", "resuming ")) for line in lines)  # quiet: no status, no progress
-    assert lines[-2].startswith("done: 9 steps")
+    assert lines[-1].startswith("done: 9 steps")  # the last line: the job draws no plot
 
 
 def test_python_api_errors_name_the_api_s_own_arguments(ray_session, make_job):

@@ -136,7 +136,7 @@ def test_early_stopping_keeps_the_best_validation_weights(ray_session, make_job,
 
 
 def test_plot_command_writes_a_png(ray_session, make_job):
-    result = Trainer(load(make_job(rows=60, name="plot"))).run()
+    result = Trainer(load(make_job(rows=60, name="plot", output={"plot": True}))).run()
     os.unlink(result.plot_path)
     out = Path(result.out_dir) / "curves.png"
     cli = CliRunner().invoke(main, ["plot", result.out_dir, "-o", str(out)])
