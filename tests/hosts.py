@@ -41,7 +41,7 @@ def unavailable():
     for tool in ("ip", "tc", "unshare", "nsenter", "ssh-keygen"):
         if shutil.which(tool) is None:
             return f"needs {tool}"
-    probe = "dbp-probe"
+    probe = f"dbp-probe-{os.getpid()}"  # the suite's processes each import this at once
     try:
         _run("ip", "netns", "add", probe)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
