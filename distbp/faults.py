@@ -35,10 +35,10 @@ def armed(point, step=None):
     return False
 
 
-def armed_any():
-    """Whether DISTBP_FAULT names any point (then no idle actor is reused: a fault fires once
-    per process)."""
-    return bool(os.environ.get(ENV))
+def reset():
+    """Forget which points fired: a parked worker renewed for a new run starts as a new
+    process would (its environment, DISTBP_FAULT included, comes with the new run's plan)."""
+    _fired.clear()
 
 
 def hit(point, step=None):

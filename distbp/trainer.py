@@ -77,7 +77,7 @@ class Trainer:
         job, spec = self.job, prep.spec
         # Idle actors wait for the next run on a Ray that distbp started and keeps for this
         # process (distbp.init, distbp.train, the estimators), whichever kind of run parks them.
-        reuse = cluster.holds_embedded() and not faults.armed_any()
+        reuse = cluster.holds_embedded()
         self.actors = Actors(job, prep, self.phases, self.log, reuse=reuse)
         if ckpt is None:
             start = Start(nn.init_params(spec, np.random.default_rng(job.seed)))

@@ -60,7 +60,7 @@ def cli(*args, fault=None, address=None, timeout=180):
 
 
 # -- 1. a lost metrics row ---------------------------------------------------------------------
-def test_worker_lost_right_after_an_evaluation_step_keeps_that_row(ray_session, make_job, tmp_path, fault):
+def test_worker_lost_right_after_an_evaluation_step_keeps_that_row(ray_session, make_job, tmp_path, fault, monkeypatch):
     job = make_job(name="w1", data={"validation": 0.25}, **JOB)
     want = Trainer(load(job, [f"output.dir={tmp_path / 'clean'}"])).run()
     fault("worker_after_eval@8")
@@ -72,6 +72,11 @@ def test_worker_lost_right_after_an_evaluation_step_keeps_that_row(ray_session, 
     clean = rows_of(tmp_path / "clean")
     assert [(r["loss"], r["val_loss"]) for r in rows] == [(r["loss"], r["val_loss"]) for r in clean]
     assert same_weights(got.model_path, want.model_path)
+    # The next run of the process, without the fault, renews the idle workers: none of them
+    # keeps the fault (the environment, or a point not fired yet) from the run before.
+    monkeypatch.delenv(faults.ENV)
+    again = Trainer(load(job, [f"output.dir={tmp_path / 'again'}"])).run()
+    assert again.replacements == 0 and same_weights(again.model_path, want.model_path)
 
 
 def test_a_recovered_worker_is_reported_in_its_own_lines_without_ray_tracebacks(ray_address, make_job, tmp_path):

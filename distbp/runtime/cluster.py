@@ -225,8 +225,9 @@ def worker_env():
     """((key, value or None), ...): what a shard worker sets (or, for None, unsets) in its own
     environment, so that it sees the user's proxy settings and not the embedded Ray's."""
     env = dict(_WORKER_ENV)
-    if os.environ.get("DISTBP_FAULT"):  # the test-only fault hook (faults.py) reaches the workers
-        env["DISTBP_FAULT"] = os.environ["DISTBP_FAULT"]
+    # The test-only fault hook (faults.py) reaches the workers, and leaves a renewed idle
+    # worker when this run has none.
+    env["DISTBP_FAULT"] = os.environ.get("DISTBP_FAULT") or None
     return tuple(sorted(env.items()))
 
 

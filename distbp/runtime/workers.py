@@ -75,6 +75,7 @@ class ShardWorker(DirectWorker):
     def renew(self, plan, param_slices):
         """Start over as a new run's worker, exactly as a new actor would."""
         self.park()
+        faults.reset()
         self.__init__(plan, param_slices)
         return True
 
