@@ -58,6 +58,9 @@ FAST_HEALTH_CHECKS = {  # notice a lost node in about a second, not half a minut
 }
 
 
+LEAN = {"include_log_monitor": False}
+
+
 def alive(pid):
     """Whether process `pid` still runs (a zombie, waiting for its parent to reap it, does not)."""
     try:
@@ -87,11 +90,13 @@ def main():
     args = ap.parse_args()
 
     # No dashboard: nothing here reads it, it costs the head about 2 CPU-seconds to start, and
-    # the head would wait a minute for one if another Ray holds port 8265.
-    head_args = {"num_cpus": 1, "_system_config": FAST_HEALTH_CHECKS, "include_dashboard": False}
+    # the head would wait a minute for one if another Ray holds port 8265. No autoscaler
+    # monitor (the nodes are added and removed by hand) and no log monitor on any node (the
+    # drivers do not take the workers' output): about 0.5 CPU-seconds each.
+    head_args = {"num_cpus": 1, "_system_config": FAST_HEALTH_CHECKS, "include_dashboard": False, "no_monitor": True, **LEAN}
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
     node_env = dict(kv.split("=", 1) for kv in args.node_env)
-    nodes = [cluster.add_node(num_cpus=1, **({"env_vars": node_env} if i == args.nodes - 2 and node_env else {})) for i in range(args.nodes - 1)]
+    nodes = [cluster.add_node(num_cpus=1, **LEAN, **({"env_vars": node_env} if i == args.nodes - 2 and node_env else {})) for i in range(args.nodes - 1)]
     cluster.wait_for_nodes()
     if args.cli:
         reports = [run_cli(cluster, args, r) for r in range(args.runs)]
@@ -220,7 +225,7 @@ def add_node(cluster, nodes):
     """Add a node of one CPU to `cluster` (and `nodes`) and wait until the driver sees its CPU
     free, as a run looks for capacity through the same view. Returns its node id."""
     free = ray.available_resources().get("CPU", 0)
-    nodes.append(cluster.add_node(num_cpus=1))
+    nodes.append(cluster.add_node(num_cpus=1, **LEAN))
     cluster.wait_for_nodes()
     deadline = time.monotonic() + 60
     while ray.available_resources().get("CPU", 0) < free + 1:
