@@ -129,7 +129,8 @@ def test_too_many_failures_stop_with_a_clear_message(failures):
 
 
 def test_sigint_checkpoints_and_resume_is_bit_identical(ray_address, make_job, tmp_path):
-    # Long enough (a few seconds) that the signal lands mid-run: steps take well under a millisecond.
+    # Long enough that the signal lands mid-run: alone about a second of steps (well under a
+    # millisecond each), longer on a loaded machine, and the rows are looked at every 50 ms.
     job = make_job(name="int", rows=300, train={"steps": 1000, "checkpoint_every": 10000, "optimizer": {"name": "adam", "lr": 0.01}})
     want = Trainer(load(job, [f"output.dir={tmp_path / 'whole'}"])).run().model_path
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
