@@ -533,20 +533,41 @@ def test_elastic_run_shrinks_when_a_host_leaves_and_grows_when_it_returns(cluste
         np.testing.assert_allclose(got[key], one[key], rtol=1e-10, atol=1e-12)
 
 
+AGENTS = {"ray::DashboardAgent": "Terminated Raylet: ", "ray::RuntimeEnvAgent": "Raylet is dead! Exiting Runtime Env Agent."}
+
+
 def test_down_stops_ray_on_every_host(cluster):
     """`ray down` stops Ray on the head at once. With `provider: type: local` it does not log in
-    to the worker machines; their Ray exits by itself once the head is gone (the raylet after the
-    shipped GCS reconnect timeout, 30 s, and the node's agents a fixed 60 s after it)."""
+    to the worker machines; their Ray exits by itself once the head is gone: the raylet (and
+    with it the workers) after the shipped GCS reconnect timeout, 30 s. The node's two agents
+    notice within a second or two, log that they are exiting, and then spend Ray's fixed 60 s
+    trying to report the raylet's end to the GCS that is gone; the test waits for that log
+    line, not for the 60 s (the hosts are removed afterwards, agents and all)."""
     cluster["laptop"].ray("down", "-y", str(cluster["file"]), timeout=300)
 
     def ray_left(host):
-        names = []
+        """{Ray process name: count} in `host` (the agents by their title, the rest by name)."""
+        left = {}
         for pid in host.pids():
             try:
-                names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").strip()
             except OSError:
-                pass
-        return [n for n in names if n in ("raylet", "gcs_server") or n.startswith("ray::")]
+                continue
+            if name in ("raylet", "gcs_server") or name.startswith("ray::"):
+                key = title if title in AGENTS else name
+                left[key] = left.get(key, 0) + 1
+        return left
 
     assert not ray_left(cluster["hosts"].hosts[0])
-    wait_for(lambda: not any(ray_left(h) for h in cluster["hosts"].hosts), 180, "Ray on the worker hosts to exit")
+
+    def exited(host):
+        left = ray_left(host)
+        if set(left) - set(AGENTS):  # the raylet, or a worker of its, still runs
+            return False
+        if not left:
+            return True
+        logs = host.run("cat /tmp/ray/session_latest/logs/dashboard_agent.log /tmp/ray/session_latest/logs/runtime_env_agent.log", check=False).stdout
+        return all(line in logs for agent, line in AGENTS.items() if agent in left)
+
+    wait_for(lambda: all(exited(h) for h in cluster["hosts"].hosts[1:]), 180, "Ray on the worker hosts to exit")
