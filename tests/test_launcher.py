@@ -157,11 +157,13 @@ def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("launcher")
     before = listening()
     hosts = hostlib.Hosts(1 + N_WORKER_HOSTS).up()
-    dashboard = None
+    dashboard = embedded = None
     try:
         data_dir = tmp / "data"
         data_dir.mkdir()
         subprocess.run([sys.executable, "-m", "distbp", "data", "make", "spirals", "--rows", "3000", "--classes", "3", "-o", str(data_dir / "spirals.parquet")], check=True, capture_output=True)
+        # JOB on an embedded Ray, for the runs on the hosts to match: it runs while `ray up` waits.
+        embedded = Embedded(JOB, data_dir, tmp / "embedded")
         cluster_file = derive_cluster_file(hosts, hosts.key, data_dir, tmp / "cluster.yaml")
         laptop = Laptop(tmp / "laptop", cluster_file, free_port())
         laptop.ray("get-auth-token", "--generate")  # the README's one-time set-up
@@ -175,10 +177,12 @@ def cluster(tmp_path_factory):
         )
         wait_for(lambda: laptop.ray("job", "list", check=False, timeout=30).returncode == 0, 60, "the job API through the tunnel")
         wait_for(lambda: alive_nodes(laptop) == 1 + N_WORKER_HOSTS, 300, "every worker host to join")
-        yield {"hosts": hosts, "laptop": laptop, "tmp": tmp, "data": data_dir, "file": cluster_file, "up": up, "before": before}
+        yield {"hosts": hosts, "laptop": laptop, "tmp": tmp, "data": data_dir, "file": cluster_file, "up": up, "before": before, "embedded": embedded}
     finally:
         if dashboard is not None:
             dashboard.kill()
+        if embedded is not None:
+            embedded.__exit__()
         try:
             subprocess.run(["ray", "down", "-y", str(tmp / "cluster.yaml")], cwd=ROOT, env=laptop.env, capture_output=True, timeout=300)
         except Exception:
@@ -204,27 +208,23 @@ def alive_nodes(laptop):
         return -1
 
 
-def embedded(job, data_dir, out):
-    """The same job on an embedded Ray, with the same worker count: its model.npz."""
-    with Embedded(job, data_dir, out) as run:
-        return run.model(timeout=300)
-
-
 class Embedded:
-    """`embedded`, running in the background until `model` waits for it; leaving the `with`
+    """A job on an embedded Ray, with the job's worker count, running in the background until
+    `model` waits for it (and then gives its model.npz, as often as asked); leaving the `with`
     block ends it if it still runs."""
 
     def __init__(self, job, data_dir, out):
         job = {**job, "data": {**job["data"], "path": str(data_dir / "spirals.parquet")}}
         path = out.with_suffix(".yaml")
         path.write_text(yaml.safe_dump(job))
-        self.out = out
+        self.out, self.err = out, ""
         self.proc = subprocess.Popen([sys.executable, "-m", "distbp", "run", str(path), "--out", str(out), "--quiet"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def model(self, timeout):
-        _, err = self.proc.communicate(timeout=timeout)
-        assert self.proc.returncode == 0, err[-3000:]
+        if self.proc.returncode is None:
+            _, self.err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, self.err[-3000:]
         return self.out / "model.npz"
 
     def __enter__(self):
@@ -322,8 +322,7 @@ def test_submit_logs_fetch_bit_identical(cluster):
     fetched = fetch(cluster, name)
     rows = list(csv.DictReader(open(fetched / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 301))
-    local = embedded(JOB, cluster["data"], cluster["tmp"] / "embedded-1")
-    assert same_weights(fetched / "model.npz", local)
+    assert same_weights(fetched / "model.npz", cluster["embedded"].model(timeout=300))
     ran = json.loads((fetched / "environment.json").read_text())["workers"]
     assert [(w["rank"], w["kernel"]) for w in ran] == [(k, KERNEL) for k in range(3)]
     assert "BLAS" not in logs  # no warning
@@ -445,7 +444,7 @@ def test_slow_link_is_not_a_dead_worker(cluster):
     assert behind_slow_links and all(held_back[i] > 0 for i in behind_slow_links), (placed, held_back)
     assert "lost" not in logs and "replacement" not in logs, logs[-3000:]
     fetched = fetch(cluster, name)
-    assert same_weights(fetched / "model.npz", embedded(JOB, cluster["data"], cluster["tmp"] / "embedded-slow"))
+    assert same_weights(fetched / "model.npz", cluster["embedded"].model(timeout=300))
 
 
 # Plain SGD: its steps contract, so the rounding differences of another summation order stay
