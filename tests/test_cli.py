@@ -1,7 +1,9 @@
 """The real CLI: in-process with CliRunner, and as subprocesses of a real shell run."""
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,6 +87,73 @@ def test_unreachable_address_fails_in_one_line_within_the_timeout(make_job, tmp_
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "127.0.0.1:1" in lines[0] and "within 3 s" in lines[0] and "Traceback" not in run.stderr
     assert not (tmp_path / "runs" / "nowhere").exists()
+
+
+def warm_ray_commands():
+    """The README's "A warm Ray" commands: (ray start ..., distbp run ...), as written."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("- **A warm Ray**", 1)[1].split("```", 2)[1]
+    lines = [line.strip() for line in block.splitlines() if line.strip()]
+    start = next(line for line in lines if " ray start " in line)
+    run = next(line for line in lines if " distbp run " in line)
+    assert lines[-1] == "ray stop"
+    return start, run
+
+
+def test_a_warm_ray_is_joined_as_the_readme_shows_and_without_the_token_the_error_says_so(tmp_path):
+    """The README's "A warm Ray" on another port, in a HOME of its own holding a token, so that
+    `ray start` turns Ray's token authentication on (`--block` instead of `ray stop`: only this
+    Ray ends). The README's run joins it. Without RAY_AUTH_MODE=token, Ray only says that it
+    cannot connect: distbp's one line says what to set, exit 1, and no run folder."""
+    start, run = warm_ray_commands()
+    port = free_port()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", PYTHONUNBUFFERED="1")
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
+    shutil.copytree(ROOT / "jobs", tmp_path / "jobs", ignore=shutil.ignore_patterns("data"))
+    head = subprocess.Popen(start.replace("--port=6379", f"--port={port}") + " --block", shell=True, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_open(port):
+            assert head.poll() is None and time.monotonic() < deadline, head.communicate()[1][-3000:]
+            time.sleep(0.2)
+        # as the README writes it, but 200 steps (it trains 2,000 to show the speed)
+        joined = subprocess.run(run.replace("127.0.0.1:6379", f"127.0.0.1:{port}") + " --set train.steps=200", shell=True,
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        assert "done: 200 steps" in joined.stdout and "ray_start " in joined.stderr
+        no_token = subprocess.run([sys.executable, "-m", "distbp", "run", "jobs/xor.yaml", "--address", f"127.0.0.1:{port}"],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        assert no_token.returncode == 1 and "Traceback" not in no_token.stderr
+        last = no_token.stderr.strip().splitlines()[-1]  # Ray's own warnings come first
+        assert last.startswith(f"error: cannot join the Ray cluster at 127.0.0.1:{port}: ") and last.endswith("set RAY_AUTH_MODE=token to send that token)"), last
+        assert not (tmp_path / "runs" / "xor").exists()
+    finally:
+        # The Ray of `ray start` is in the process group of its command: all of it ends at once
+        # (SIGTERM would end it gracefully, in about 30 s).
+        os.killpg(head.pid, signal.SIGKILL)
+        head.communicate(timeout=60)
+    deadline = time.monotonic() + 30
+    while port_open(port) or [p for p in psutil.process_iter(["cmdline"]) if any(f"127.0.0.1:{port}" in a for a in p.info["cmdline"] or [])]:
+        assert time.monotonic() < deadline, "the warm Ray is still there"
+        time.sleep(0.2)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize(

@@ -217,7 +217,13 @@ def _start(ray, address, num_cpus, timeout_s):
     try:
         ray.init(address=address, **common)
     except Exception as err:  # Ray raises ConnectionError, RuntimeError, ValueError, ...
-        raise ConnectError(f"cannot join the Ray cluster at {address}: {err}".splitlines()[0]) from None
+        # A cluster that requires Ray's token refuses a client that sends none, and Ray then
+        # reports only that it failed to connect (after about 20 s of retries).
+        hint = None if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else (
+            "if the cluster uses Ray's token authentication, as `ray start` does where ~/.ray/auth_token exists, "
+            "set RAY_AUTH_MODE=token to send that token"
+        )
+        raise ConnectError(f"cannot join the Ray cluster at {address}: {err}".splitlines()[0], hint=hint) from None
     return True
 
 
