@@ -118,7 +118,9 @@ def test_a_warm_ray_is_joined_as_the_readme_shows_and_without_the_token_the_erro
     try:
         deadline = time.monotonic() + 120
         while not port_open(port):
-            assert head.poll() is None and time.monotonic() < deadline, head.communicate()[1][-3000:]
+            if head.poll() is not None:
+                raise AssertionError(f"ray start exited {head.returncode}: {head.communicate()[1][-3000:]}")
+            assert time.monotonic() < deadline, f"ray start did not listen on {port} within 120 s"
             time.sleep(0.2)
         # as the README writes it, but 200 steps (it trains 2,000 to show the speed)
         joined = subprocess.run(run.replace("127.0.0.1:6379", f"127.0.0.1:{port}") + " --set train.steps=200", shell=True,
