@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import sys
 
 # Ray reads this when it is first imported: loopback mode, never the machine's address.
@@ -128,3 +129,10 @@ def wait_for_rows(metrics, rows, proc, timeout=120):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     raise AssertionError("the run did not get going")
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

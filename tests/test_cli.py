@@ -13,6 +13,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
+from conftest import free_port
 from distbp.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,12 +143,6 @@ def test_a_warm_ray_is_joined_as_the_readme_shows_and_without_the_token_the_erro
     while port_open(port) or [p for p in psutil.process_iter(["cmdline"]) if any(f"127.0.0.1:{port}" in a for a in p.info["cmdline"] or [])]:
         assert time.monotonic() < deadline, "the warm Ray is still there"
         time.sleep(0.2)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port):

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import pytest
 import yaml
 
 import hosts as hostlib
-from conftest import model_arrays
+from conftest import free_port, model_arrays
 from distbp.runtime import blas
 
 pytestmark = pytest.mark.launcher
@@ -66,12 +65,6 @@ JOB = {
     "train": {"steps": 300, "optimizer": {"name": "adam", "lr": 0.02}, "eval_every": 50, "checkpoint_every": 100},
     "cluster": {"workers": 3, "blas_kernel": KERNEL},
 }
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(netns_run=None):
